@@ -13,6 +13,8 @@ zero gradient). Genuine infinities (KL(a‖b) with b = 0 < a) return +inf, never
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,11 +30,16 @@ def _weighted_sum(terms: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def kl(log_a: Tensor, log_b: Tensor, weight: Tensor | None = None) -> Tensor:
-    """KL(a ‖ b) = Σ a (log a − log b); terms with a = 0 are 0."""
+    """KL(a ‖ b) = Σ a (log a − log b); terms with a = 0 are 0, terms with b = 0 < a are +inf."""
     a_zero = torch.isneginf(log_a)
-    la = torch.where(a_zero, torch.zeros_like(log_a), log_a)
-    lb = torch.where(a_zero, torch.zeros_like(log_b), log_b)
-    terms = torch.where(a_zero, torch.zeros_like(la), la.exp() * (la - lb))
+    # a > 0 = b is +inf even when exp(log a) underflows to 0 (0·inf would be NaN).
+    b_only_zero = torch.isneginf(log_b) & ~a_zero
+    safe = a_zero | b_only_zero
+    la = torch.where(safe, torch.zeros_like(log_a), log_a)
+    lb = torch.where(safe, torch.zeros_like(log_b), log_b)
+    terms = la.exp() * (la - lb)
+    terms = torch.where(a_zero, torch.zeros_like(terms), terms)
+    terms = torch.where(b_only_zero, torch.full_like(terms, math.inf), terms)
     return _weighted_sum(terms, weight)
 
 

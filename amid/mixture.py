@@ -11,10 +11,11 @@ and c·log q ("ref") as
 
     log r̃ = ref + (1/c) · log1p( w_other · expm1(c · (other − ref)) )
 
-so that the argument of expm1 is always ≤ 0 (no overflow for large |c|), log1p never sees
-−1 for λ ∈ (0, 1), and the α → 1 limit (c → 0) loses no precision: log1p(w·expm1(c·d))/c → w·d,
-which is the geometric formula. The plain `logaddexp(...)/c` form loses ~eps/|c| absolute at
-α = 0.999 in float32.
+so that the argument of expm1 is always ≤ 0 (no overflow for large |c|), and the α → 1 limit
+(c → 0) loses no precision: log1p(w·expm1(c·d))/c → w·d, which is the geometric formula. The plain
+`logaddexp(...)/c` form loses ~eps/|c| absolute at α = 0.999 in float32. Where the sum inside the
+log1p is far below 1 (tiny λ or 1 − λ with large |c|) the logaddexp form is the accurate one and
+is used instead.
 """
 
 from __future__ import annotations
@@ -64,13 +65,20 @@ def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) ->
     p_is_ref = (c * lp) >= (c * lq)
     ref = torch.where(p_is_ref, lp, lq)
     other = torch.where(p_is_ref, lq, lp)
-    w_other = torch.where(
-        p_is_ref,
-        torch.full_like(lp, 1.0 - lam),
-        torch.full_like(lp, lam),
+    w_ref = torch.where(p_is_ref, torch.full_like(lp, lam), torch.full_like(lp, 1.0 - lam))
+    w_other = 1.0 - w_ref
+    # c·(other − ref) ≤ 0 by the choice of ref; −inf when `other` is a zero that c > 0 allows.
+    cd = c * (other - ref)
+    # log(w_ref + w_other·e^cd): as log1p(w_other·expm1(cd)) while the sum is near 1 (exact as
+    # c → 0), as a logaddexp when it is small (w_ref tiny and e^cd ≪ 1), where log1p would round.
+    y = w_other * torch.expm1(cd)
+    near_one = y > -0.5
+    log_sum = torch.where(
+        near_one,
+        torch.log1p(torch.where(near_one, y, torch.full_like(y, -0.5))),
+        torch.logaddexp(torch.log(w_ref), torch.log(w_other) + cd),
     )
-    # c·(other − ref) ≤ 0 by the choice of ref; it is −inf when `other` is a zero that c > 0 allows.
-    log_r_tilde = ref + torch.log1p(w_other * torch.expm1(c * (other - ref))) / c
+    log_r_tilde = ref + log_sum / c
     log_r_tilde = torch.where(dead, torch.full_like(log_r_tilde, -math.inf), log_r_tilde)
     return _normalise(log_r_tilde)
 
