@@ -1,0 +1,137 @@
+"""The `amid` command line: a thin layer that parses, validates and calls the library.
+
+Every expected failure (bad data, wrong cache, bad option) ends as one line on stderr and exit
+status 1 or 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import sys
+
+import click
+
+from amid import __version__
+
+
+def friendly_errors(fn):
+    """Turn the library's expected errors into one-line click errors."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from amid.cache import CacheError
+        from amid.data import DataError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, CacheError, ValueError, FileNotFoundError, OSError) as exc:
+            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="amid")
+def main() -> None:
+    """amid: cache a teacher's top-k distribution once, then distill students with AMiD.
+
+    \b
+    Stage one:  amid cache-teacher --teacher MODEL --data FILE --out CACHE
+    Inspect:    amid cache-info CACHE [--verify] [--json]
+    Stage two:  amid train --cache CACHE --student MODEL --out RUN
+    """
+
+
+@main.command("cache-teacher")
+@click.option("--teacher", required=True, help="Teacher: Hugging Face hub name or local directory.")
+@click.option("--data", required=True, help="JSONL/JSON/Parquet/CSV/text file or directory, or a datasets name.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache directory to create or resume.")
+@click.option("--top-k", default=64, show_default=True, help="Teacher tokens kept per target position.")
+@click.option("--max-length", default=1024, show_default=True, help="Longest example in tokens.")
+@click.option("--overflow", type=click.Choice(["error", "truncate", "skip"]), default="error", show_default=True,
+              help="What to do with examples longer than --max-length.")
+@click.option("--batch-size", default=16, show_default=True, help="Most sequences per teacher forward.")
+@click.option("--max-tokens", default=16384, show_default=True, help="Most (padded) tokens per teacher forward.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Teacher forward dtype (auto: bf16/fp16 on GPU, fp32 on CPU). Top-k and tail are always float32.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--temperature", default=1.0, show_default=True, help="Teacher softmax temperature.")
+@click.option("--template", type=click.Choice(["auto", "text", "plain", "dolly", "chat"]), default="auto",
+              show_default=True, help="How records become token sequences (see README).")
+@click.option("--prompt-field", default="prompt", show_default=True)
+@click.option("--response-field", default="response", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--split", default="train", show_default=True, help="Split of a datasets name.")
+@click.option("--limit", type=int, default=None, help="Use only the first N records.")
+@click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per Parquet shard.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def cache_teacher_cmd(quiet: bool, **options) -> None:
+    """Run the teacher over a dataset once; write top-k ids, log-probs and tail mass per target token.
+
+    Response tokens are targets for instruction data (prompt/response fields, Dolly's
+    instruction/context/response); every token is a target for plain text. Re-running the same
+    command resumes a killed run; a directory holding another teacher's cache is refused.
+
+    \b
+    Example:
+      amid cache-teacher --teacher gpt2-xl --data dolly_train.jsonl --out cache/ --top-k 64
+    """
+    from amid.teacher import CacheConfig, cache_teacher
+
+    cfg = CacheConfig(**options)
+    click.echo(f"config: {json.dumps(dataclasses.asdict(cfg))}", err=True)
+    cache_teacher(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
+
+
+@main.command("cache-info")
+@click.argument("cache_dir", type=click.Path(file_okay=False))
+@click.option("--verify", is_flag=True, help="Read every shard: checksums, schema and counts.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (and verification) as JSON.")
+@friendly_errors
+def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
+    """Describe a cache: teacher, tokenizer, k, counts, size; --verify checks every shard.
+
+    \b
+    Example:
+      amid cache-info cache/ --verify
+    """
+    from amid.cache import open_cache
+
+    cache = open_cache(cache_dir)
+    m = cache.manifest
+    checked = cache.check() if verify else None
+    if as_json:
+        out = {k: v for k, v in m.items()}
+        if checked is not None:
+            out["verified"] = checked
+        click.echo(json.dumps(out, indent=2))
+        return
+    c = m["counts"]
+    rows = [
+        ("cache", cache_dir),
+        ("teacher", m["teacher"]["name_or_path"] + f" ({m.get('teacher_dtype', '?')})"),
+        ("tokenizer", f"{m['tokenizer']['vocab_size']} tokens, sha256 {m['tokenizer']['vocab_sha256'][:12]}…"),
+        ("vocab (logits)", m["vocab_size"]),
+        ("top-k", m["k"]),
+        ("temperature", m["temperature"]),
+        ("data", f"{m['data']['source']} (template {m['data']['template']})"),
+        ("examples", c["examples"]),
+        ("target positions", c["positions"]),
+        ("truncated / skipped", f"{c.get('truncated', 0)} / {c.get('skipped_too_long', 0) + c.get('skipped_no_target', 0)}"),
+        ("shards", len(m["shards"])),
+        ("size", f"{c['bytes'] / 1e6:.2f} MB ({c['bytes_per_position']:.1f} B/position)"),
+        ("mean tail mass", f"{c['mean_tail_mass']:.4f}"),
+    ]
+    if checked is not None:
+        rows.append(("verified", f"OK: {checked['shards']} shards, checksums, schema and counts"))
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        click.echo(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""Reading user data and turning records into tokenized training examples.
+
+A record is a dict from a JSONL/JSON/Parquet/CSV/text file or a `datasets` dataset. An example is
+what the cache stores and the trainer reads: `input_ids` and the `positions` t whose next token
+`input_ids[t + 1]` is a target (the teacher's distribution at logits row t).
+
+Templates:
+- "text": the `text_field` is the whole example; every next token is a target.
+- "plain": `prompt_field` + `response_field` concatenated; targets are the response tokens
+  (and the end-of-sequence token that closes the response).
+- "dolly": databricks-dolly style `instruction` / `context` / `response`, wrapped in the
+  Alpaca/Dolly instruction template used by MiniLLM, DistiLLM and AMiD.
+- "chat": prompt as a user turn and response as the assistant turn, through the tokenizer's
+  chat template.
+- "auto": "text" if the text field exists, else "plain" if prompt/response exist, else "dolly".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+__all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "TEMPLATES"]
+
+TEMPLATES = ("auto", "text", "plain", "dolly", "chat")
+
+DOLLY_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{context_block}### Response:\n"
+)
+
+_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+}
+
+
+class DataError(ValueError):
+    """Bad user data; the message names the file (and line where known) and what to do."""
+
+
+@dataclass(frozen=True)
+class TemplateConfig:
+    template: str = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str = "text"
+    max_length: int = 1024
+    overflow: str = "error"  # "error" | "truncate" | "skip"
+    add_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown template {self.template!r}; choose one of {', '.join(TEMPLATES)}")
+        if self.overflow not in ("error", "truncate", "skip"):
+            raise ValueError(f"overflow must be error, truncate or skip, got {self.overflow!r}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class Example:
+    """One tokenized example. `positions` are logits rows whose next token is a target."""
+
+    example_id: int
+    input_ids: list[int]
+    positions: list[int]
+
+
+@dataclass
+class BuildStats:
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    skipped_too_long: int = 0
+    skipped_empty: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+
+def load_records(source: str, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
+    """Records from a local file/directory (JSONL/JSON/Parquet/CSV/text) or a `datasets` name.
+
+    Raises DataError naming the file and line for malformed JSONL, and for empty data.
+    """
+    path = Path(source)
+    if path.exists():
+        records = _load_local(path, split)
+    elif os.sep in source or source.endswith(tuple(_BUILDERS)):
+        raise DataError(f"{source}: no such file or directory")
+    else:
+        records = _load_hub(source, split)
+    if limit is not None:
+        records = records[:limit]
+    if not records:
+        raise DataError(f"{source}: no records (empty file or split {split!r}); nothing to do")
+    return records
+
+
+def _load_local(path: Path, split: str) -> list[dict[str, Any]]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no data files ({', '.join(_BUILDERS)}) found")
+    builders = {_BUILDERS.get(f.suffix) for f in files}
+    if None in builders or len(builders) != 1:
+        raise DataError(
+            f"{path}: cannot tell the format of {', '.join(f.name for f in files)}; "
+            f"use one kind of file among {', '.join(_BUILDERS)}"
+        )
+    builder = builders.pop()
+    if builder == "json":
+        for f in files:
+            _check_json_file(f)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as exc:  # datasets raises many types; the user needs the file and the reason
+        raise DataError(f"{path}: could not be read as {builder}: {_first_line(exc)}") from exc
+    return [dict(r) for r in ds]
+
+
+def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"{name}: not a local file and could not be loaded as a datasets name "
+            f"(split {split!r}): {_first_line(exc)}"
+        ) from exc
+    return [dict(r) for r in ds]
+
+
+def _check_json_file(path: Path) -> None:
+    """Validate JSONL line by line (or a JSON array) so errors name the line."""
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1)
+        while head and head.isspace():
+            head = fh.read(1)
+    if head == "[":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+        if not all(isinstance(r, dict) for r in data):
+            raise DataError(f"{path}: a JSON file must hold an array of objects")
+        return
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates and tokenization
+
+
+def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source: str) -> tuple[str, TemplateConfig]:
+    fields = set(records[0])
+    if cfg.response_field == "response" and "response" not in fields and "output" in fields:
+        # Dolly/Alpaca-style files with `output` (e.g. the dev/test splits): same meaning.
+        cfg = dataclasses.replace(cfg, response_field="output")
+    if cfg.template != "auto":
+        template = cfg.template
+    elif cfg.text_field in fields:
+        template = "text"
+    elif cfg.prompt_field in fields and cfg.response_field in fields:
+        template = "plain"
+    elif "instruction" in fields and cfg.response_field in fields:
+        template = "dolly"
+    else:
+        raise DataError(
+            f"{source}: fields {sorted(fields)} match no template; expected '{cfg.text_field}' "
+            f"(text), '{cfg.prompt_field}'/'{cfg.response_field}' (instruction data) or "
+            f"'instruction'/'response' (Dolly); name yours with --text-field / --prompt-field / "
+            f"--response-field"
+        )
+    needed = {
+        "text": [cfg.text_field],
+        "plain": [cfg.prompt_field, cfg.response_field],
+        "chat": [cfg.prompt_field, cfg.response_field],
+        "dolly": ["instruction", cfg.response_field],
+    }[template]
+    missing = [f for f in needed if f not in fields]
+    if missing:
+        raise DataError(
+            f"{source}: template {template!r} needs field(s) {missing}, the data has {sorted(fields)}; "
+            f"name yours with --text-field / --prompt-field / --response-field"
+        )
+    return template, cfg
+
+
+def dolly_prompt(record: dict[str, Any]) -> str:
+    context = (record.get("context") or record.get("input") or "").strip()
+    block = f"### Input:\n{context}\n\n" if context else ""
+    return DOLLY_TEMPLATE.format(instruction=str(record["instruction"]).strip(), context_block=block)
+
+
+def _split(record: dict[str, Any], template: str, cfg: TemplateConfig) -> tuple[str, str]:
+    """(prompt, target text) of a record; prompt is empty for plain text."""
+    if template == "text":
+        return "", str(record[cfg.text_field] or "")
+    if template == "dolly":
+        prompt = str(record[cfg.prompt_field]) if record.get(cfg.prompt_field) else dolly_prompt(record)
+        return prompt, str(record[cfg.response_field] or "")
+    return str(record[cfg.prompt_field] or ""), str(record[cfg.response_field] or "")
+
+
+def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig) -> tuple[list[int], int]:
+    """input_ids and the index of the first target token."""
+    prompt, target = _split(record, template, cfg)
+    if template == "chat":
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
+        messages = [{"role": "user", "content": prompt}]
+        prompt_ids = _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        full = _as_ids(
+            tokenizer.apply_chat_template(
+                messages + [{"role": "assistant", "content": target}], tokenize=True
+            )
+        )
+        if full[: len(prompt_ids)] != prompt_ids:  # template re-tokenized the prompt: fall back to splicing
+            full = prompt_ids + tokenizer(target, add_special_tokens=False)["input_ids"]
+        return full, len(prompt_ids)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _wants_bos(tokenizer) else []
+    eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+    ids = bos + prompt_ids + target_ids + eos
+    return ids, len(bos) + len(prompt_ids)
+
+
+def _as_ids(out) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return list(out)
+
+
+def _wants_bos(tokenizer) -> bool:
+    # Llama-style tokenizers add BOS themselves; GPT-2/Qwen2 do not. Follow the tokenizer.
+    probe = tokenizer("a")["input_ids"]
+    return bool(probe) and probe[0] == tokenizer.bos_token_id
+
+
+def build_examples(
+    records: Iterable[dict[str, Any]], tokenizer, cfg: TemplateConfig, source: str
+) -> tuple[list[Example], BuildStats, str]:
+    """Tokenize every record; returns (examples, stats, resolved template).
+
+    Examples longer than cfg.max_length are refused (overflow="error", naming the record),
+    truncated (keeping the prompt's start) or skipped. Examples without any target are skipped.
+    """
+    records = list(records)
+    template, cfg = resolve_template(records, cfg, source)
+    stats = BuildStats(records=len(records))
+    examples: list[Example] = []
+    for index, record in enumerate(records):
+        ids, first_target = _encode(tokenizer, record, template, cfg)
+        if len(ids) > cfg.max_length:
+            if cfg.overflow == "error":
+                raise DataError(
+                    f"{source}: record {index} has {len(ids)} tokens, more than --max-length "
+                    f"{cfg.max_length}; raise --max-length or pass --overflow truncate / --overflow skip"
+                )
+            if cfg.overflow == "skip":
+                stats.skipped_too_long += 1
+                continue
+            ids = ids[: cfg.max_length]
+            stats.truncated += 1
+        positions = list(range(max(first_target - 1, 0), len(ids) - 1))
+        if not positions:
+            stats.skipped_empty += 1
+            continue
+        examples.append(Example(example_id=index, input_ids=ids, positions=positions))
+    stats.examples = len(examples)
+    if not examples:
+        raise DataError(f"{source}: no example has a target token after templating; check the fields")
+    return examples, stats, template
+
+
+def iter_batches(examples: list[Example], max_tokens: int, max_batch: int) -> Iterator[list[Example]]:
+    """Group examples of similar length (sorted by length) into batches under a token budget."""
+    order = sorted(examples, key=lambda e: len(e.input_ids))
+    batch: list[Example] = []
+    longest = 0
+    for ex in order:
+        longest_if = max(longest, len(ex.input_ids))
+        if batch and (longest_if * (len(batch) + 1) > max_tokens or len(batch) >= max_batch):
+            yield batch
+            batch, longest_if = [], len(ex.input_ids)
+        batch.append(ex)
+        longest = longest_if
+    if batch:
+        yield batch

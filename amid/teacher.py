@@ -1,0 +1,251 @@
+"""Stage one: run the teacher over a dataset once and write its top-k distribution to a cache.
+
+`cache_teacher(CacheConfig(...))` tokenizes the data (refusing bad input before any output is
+written), splits the examples into fixed shard tasks, and for every task not yet finished runs
+the teacher batch by batch and writes one shard atomically. A killed run resumes at the first
+unfinished task; each example ends up in exactly one shard. With several processes under
+torchrun/accelerate (RANK/WORLD_SIZE set), rank r takes tasks r, r + W, ...; whichever rank
+finishes last merges the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from amid import __version__
+from amid.cache import MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, make_header
+from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
+
+__all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Everything `amid cache-teacher` needs. Saved in the manifest."""
+
+    teacher: str
+    data: str
+    out: str
+    top_k: int = 64
+    max_length: int = 1024
+    batch_size: int = 16
+    max_tokens: int = 16384  # per forward batch, padded tokens counted
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"
+    temperature: float = 1.0
+    template: str = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str = "text"
+    split: str = "train"
+    limit: int | None = None
+    overflow: str = "error"
+    examples_per_shard: int = 2048
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.batch_size < 1 or self.max_tokens < 1 or self.examples_per_shard < 1:
+            raise ValueError("--batch-size, --max-tokens and examples per shard must be positive")
+
+    def template_config(self) -> TemplateConfig:
+        return TemplateConfig(
+            template=self.template, prompt_field=self.prompt_field, response_field=self.response_field,
+            text_field=self.text_field, max_length=self.max_length, overflow=self.overflow,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Identities: what makes a cache usable with a given student
+
+
+def tokenizer_identity(tokenizer) -> dict[str, Any]:
+    """A tokenizer's identity by content, not name: hash of its vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {k: v for k, v in sorted(tokenizer.special_tokens_map.items()) if isinstance(v, str)}
+    digest = hashlib.sha256(json.dumps([vocab, specials], ensure_ascii=False).encode()).hexdigest()
+    return {"vocab_sha256": digest, "vocab_size": len(vocab), "special_tokens": specials}
+
+
+def model_identity(name_or_path: str, model) -> dict[str, Any]:
+    """Teacher identity: name/path, hub revision if any, hash of the local weight files."""
+    ident: dict[str, Any] = {"name_or_path": name_or_path}
+    revision = getattr(model.config, "_commit_hash", None)
+    if revision:
+        ident["revision"] = revision
+    path = Path(name_or_path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+        ident["weights_sha256"] = h.hexdigest()
+    ident["config"] = {k: v for k, v in model.config.to_diff_dict().items() if not k.startswith("_")}
+    return ident
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher's top-k
+
+
+@torch.no_grad()
+def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """Top-k log-probabilities and exact tail log-mass of rows of logits.
+
+    Args:
+        logits: [P, V] any float dtype.
+    Returns:
+        (ids [P, k] int64, logprobs [P, k] float32, tail_logmass [P] float32), all computed in
+        float32 from the full logits; the tail is a logsumexp over the complement of the top-k.
+    """
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    k = min(k, z.shape[-1])
+    top, ids = torch.topk(z, k, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    rest = z.scatter(-1, ids, -math.inf)
+    tail = torch.logsumexp(rest, dim=-1) - lse
+    return ids, top - lse[:, None], tail
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[str, Any]:
+    """Run stage one. Returns the manifest (dict) once the cache is complete.
+
+    Raises DataError for bad data and CacheError for an output directory that holds another
+    cache; in both cases nothing is written.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    out = Path(cfg.out)
+    rank, world = _dist_rank_world()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
+    examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)
+
+    device = _resolve_device(cfg.device)
+    dtype = _resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+    ).to(device).eval()
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    if vocab_size < len(tokenizer):
+        raise DataError(
+            f"{cfg.teacher}: model has {vocab_size} output logits but its tokenizer {len(tokenizer)} tokens"
+        )
+    data_ident = {
+        "source": cfg.data, "split": cfg.split, "limit": cfg.limit, "template": template,
+        "fields": {"prompt": cfg.prompt_field, "response": cfg.response_field, "text": cfg.text_field},
+        "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
+        "examples_per_shard": cfg.examples_per_shard,
+    }
+    header = make_header(
+        teacher=model_identity(cfg.teacher, model), tokenizer=tokenizer_identity(tokenizer),
+        k=min(cfg.top_k, vocab_size), temperature=cfg.temperature, data=data_ident, vocab_size=vocab_size,
+    )
+    header["config"] = dataclasses.asdict(cfg)
+    header["amid_version"] = __version__
+    header["teacher_dtype"] = str(dtype).replace("torch.", "")
+
+    old = existing_header(out) if out.exists() else None
+    if old is not None and old.get("fingerprint") != header["fingerprint"]:
+        from amid.cache import _mismatch_message
+
+        raise CacheError(_mismatch_message(out, old, header))
+    if old is not None and (out / MANIFEST).exists():
+        log(f"{out}: cache already complete; nothing to do")
+        return json.loads((out / MANIFEST).read_text())
+    if out.exists() and old is None and any(out.iterdir()):
+        raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("shards/.shard-*.tmp-*"):  # left by a killed writer; never visible as a shard
+        stale.unlink(missing_ok=True)
+
+    state = Progress(out, rank, header)
+    k = header["k"]
+    tasks = [examples[i: i + cfg.examples_per_shard] for i in range(0, len(examples), cfg.examples_per_shard)]
+    mine = [t for t in range(len(tasks)) if t % world == rank and not state.done(t)]
+    todo_positions = sum(len(e.positions) for t in mine for e in tasks[t])
+    total_positions = sum(len(e.positions) for e in examples)
+    if rank == 0:
+        log(f"amid cache-teacher: {len(examples)} examples, {total_positions} target positions, "
+            f"{len(tasks)} shards ({len(tasks) - len(mine)} already done), k={k}, teacher {dtype} on {device}")
+    bar = tqdm(total=todo_positions, unit="pos", unit_scale=True, disable=not progress, desc="caching", dynamic_ncols=True)
+    for task in mine:
+        writer = ShardWriter(out, task, vocab_size, k)
+        for batch in iter_batches(tasks[task], cfg.max_tokens, cfg.batch_size):
+            for ex, (ids, lps, tail) in zip(batch, _forward(model, batch, k, cfg.temperature, device, tokenizer)):
+                writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
+            bar.update(sum(len(e.positions) for e in batch))
+        state.add(writer.close())
+    bar.close()
+
+    counts = {"records": stats.records, "truncated": stats.truncated,
+              "skipped_too_long": stats.skipped_too_long, "skipped_no_target": stats.skipped_empty}
+    manifest = finalize(out, header, len(tasks), {"counts": counts, "wall_seconds_last_run": round(time.time() - start, 3)})
+    if manifest is None:
+        log(f"rank {rank}: my shards are done; the manifest is written by the last rank to finish")
+        return header
+    c = manifest["counts"]
+    log(
+        f"cache complete: {out}\n"
+        f"  examples {c['examples']}  target positions {c['positions']}  "
+        f"(truncated {c['truncated']}, skipped too long {c['skipped_too_long']}, no target {c['skipped_no_target']})\n"
+        f"  {c['bytes'] / 1e6:.2f} MB, {c['bytes_per_position']:.1f} B/position, "
+        f"mean tail mass {c['mean_tail_mass']:.4f}, wall {time.time() - start:.1f} s"
+    )
+    return manifest
+
+
+@torch.no_grad()
+def _forward(model, batch: list[Example], k: int, temperature: float, device: torch.device, tokenizer):
+    """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
+    longest = max(len(e.input_ids) for e in batch)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, e in enumerate(batch):
+        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, : len(e.input_ids)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+    for i, e in enumerate(batch):
+        rows = logits[i, torch.tensor(e.positions, device=device)]
+        ids, lps, tail = teacher_topk(rows, k, temperature)
+        yield ids.cpu().numpy(), lps.cpu().numpy(), tail.cpu().numpy().astype(np.float32)
