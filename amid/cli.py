@@ -41,6 +41,8 @@ def main() -> None:
     Stage one:  amid cache-teacher --teacher MODEL --data FILE --out CACHE
     Inspect:    amid cache-info CACHE [--verify] [--json]
     Stage two:  amid train --cache CACHE --student MODEL --out RUN
+    Many runs:  amid sweep --cache CACHE --student MODEL --out SWEEP --alpha -1,0,0.5
+    Evaluate:   amid eval --model RUN --data FILE [--rouge]
     """
 
 
@@ -131,6 +133,90 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         click.echo(f"{name:<{width}}  {value}")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+@main.command("sweep")
+@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache (stage one's --out).")
+@click.option("--student", required=True, help="Student: hub name or local directory (the starting weights).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep directory (runs/, results.*).")
+@click.option("--preset", "presets", default="amid", show_default=True,
+              help="Comma list of presets: ce, kd, rkl, skl, srkl, gkd, taid, abkd, amid.")
+@click.option("--alpha", "alphas", default="0.5", show_default=True, help="Comma list of α (for amid runs).")
+@click.option("--lam", "lams", default="0.1", show_default=True, help="Comma list of λ (for amid runs).")
+@click.option("--divergence", "divergences", default="kl", show_default=True, help="Comma list: kl, ab, tv, jsd.")
+@click.option("--order", "orders", default="pr", show_default=True, help="Comma list: pr, rp, qr, rq.")
+@click.option("--eval-data", default=None, help="Extra held-out data: perplexity (and ROUGE-L) per run.")
+@click.option("--rouge-limit", default=0, show_default=True, help="Prompts of --eval-data scored by ROUGE-L per run.")
+@click.option("--devices", default="", help="Comma list like cuda:0,cuda:1: one run per device at a time.")
+@click.option("--train-arg", "train_args", multiple=True, metavar="KEY=VALUE",
+              help="Training setting for every run, e.g. --train-arg max_steps=500 --train-arg lr=1e-4.")
+@friendly_errors
+def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, **options) -> None:
+    """Train a grid of students from one cache; skip finished runs; write a table and plots.
+
+    amid runs cross --alpha x --lam x --divergence x --order; the other presets run once each.
+    Each run is a separate process: a failed run is recorded and the sweep goes on. Rerunning
+    the same command finishes only the missing runs.
+
+    \b
+    Example:
+      amid sweep --cache cache/ --student gpt2 --out sweep/ --preset kd,skl,amid \\
+                 --alpha -3,-1,0,0.5,1 --lam 0.1,0.5 --train-arg max_steps=1000
+    """
+    from amid.sweep import SweepConfig, run_sweep
+
+    overrides = {}
+    for item in train_args:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--train-arg needs KEY=VALUE, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas), lams=_floats(lams),
+                      divergences=_words(divergences), orders=_words(orders), devices=_words(devices),
+                      train_overrides=overrides, **options)
+    click.echo(run_sweep(cfg, log=lambda m: click.echo(m, err=True)))
+
+
+@main.command("eval")
+@click.option("--model", required=True, help="A run directory (uses its final model), a model directory or hub name.")
+@click.option("--data", required=True, help="Evaluation data (same formats as cache-teacher).")
+@click.option("--template", type=click.Choice(["auto", "text", "plain", "dolly", "chat"]), default="auto", show_default=True)
+@click.option("--prompt-field", default="prompt", show_default=True)
+@click.option("--response-field", default="response", show_default=True)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--max-length", default=1024, show_default=True)
+@click.option("--limit", type=int, default=None, help="Only the first N records.")
+@click.option("--rouge", is_flag=True, help="Also sample responses and score ROUGE-L (instruction data).")
+@click.option("--seeds", default="10,20,30,40,50", show_default=True, help="Sampling seeds for ROUGE-L (mean reported).")
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Write eval.json (and generations.jsonl) here.")
+@friendly_errors
+def eval_cmd(seeds: str, **options) -> None:
+    """Perplexity on the target tokens of a dataset; with --rouge, ROUGE-L of sampled generations.
+
+    \b
+    Example:
+      amid eval --model sweep/runs/kd --data dolly_test.jsonl --rouge --out eval/
+    """
+    from amid.evaluate import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(seeds=tuple(int(x) for x in _floats(seeds)), **options))
+    click.echo(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,159 @@
+"""Evaluating a student: perplexity on data, and ROUGE-L of sampled generations (the AMiD /
+MiniLLM metric) for instruction data. KL to the teacher on a cache's held-out split lives with
+the trainer (`amid.train`), which owns that split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from amid.data import TemplateConfig, build_examples, dolly_prompt, load_records
+
+__all__ = ["rouge_l", "rouge_tokens", "perplexity", "generate_rouge", "EvalConfig", "evaluate"]
+
+
+_NON_ALNUM = re.compile(r"[^a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """The `rouge-score` package's default tokenization: lowercase, non-alphanumerics split."""
+    return [t for t in _NON_ALNUM.sub(" ", text.lower()).split() if t]
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 between two strings (LCS-based; no stemming), in [0, 1]."""
+    pred, ref = rouge_tokens(prediction), rouge_tokens(reference)
+    lcs = _lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: int | None = None,
+               batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Cross-entropy and perplexity of the model on the target tokens of a dataset."""
+    records = load_records(source, limit=limit)
+    examples, _, _ = build_examples(records, tokenizer, template, source)
+    total_nll, total_tokens = 0.0, 0
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i: i + batch_size]
+        longest = max(len(e.input_ids) for e in batch)
+        ids = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, e in enumerate(batch):
+            ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            mask[j, : len(e.input_ids)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for j, e in enumerate(batch):
+            pos = torch.tensor(e.positions, device=logits.device)
+            targets = ids[j, pos.cpu() + 1].to(logits.device)
+            total_nll += torch.nn.functional.cross_entropy(logits[j, pos], targets, reduction="sum").item()
+            total_tokens += len(e.positions)
+    ce = total_nll / max(total_tokens, 1)
+    return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": total_tokens}
+
+
+@torch.no_grad()
+def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", response_field: str = "response",
+                   limit: int | None = None, seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
+                   temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu",
+                   save_to: str | Path | None = None) -> dict[str, Any]:
+    """Sample a response per prompt for each seed; ROUGE-L F1 against the reference, averaged
+    over examples then over seeds (the papers' protocol). Generations are saved as JSONL."""
+    records = load_records(source, limit=limit)
+    if response_field not in records[0] and "output" in records[0]:
+        response_field = "output"
+    prompts = [str(r[prompt_field]) if r.get(prompt_field) else dolly_prompt(r) for r in records]
+    refs = [str(r[response_field]) for r in records]
+    model.eval()
+    per_seed = []
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        scores = []
+        for prompt, ref in zip(prompts, refs):
+            enc = tokenizer(prompt, return_tensors="pt").to(device)
+            out = model.generate(
+                **enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            score = rouge_l(text, ref)
+            scores.append(score)
+            rows.append({"seed": seed, "prompt": prompt, "reference": ref, "generation": text, "rougeL": score})
+        per_seed.append(sum(scores) / len(scores))
+    if save_to is not None:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        with open(save_to, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    mean = sum(per_seed) / len(per_seed)
+    return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "examples": len(prompts)}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str
+    data: str
+    template: str = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str = "text"
+    max_length: int = 1024
+    limit: int | None = None
+    rouge: bool = False
+    seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
+    max_new_tokens: int = 256
+    device: str = "auto"
+    out: str | None = None
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Perplexity (and ROUGE-L if asked) of a model directory or a run directory's final model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(cfg.model)
+    for sub in ("final", "checkpoint"):
+        if (path / sub / "config.json").exists() and not (path / "config.json").exists():
+            path = path / sub
+            break
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else cfg.model)
+    model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.model).to(device)
+    template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
+                              response_field=cfg.response_field, text_field=cfg.text_field,
+                              max_length=cfg.max_length, overflow="truncate")
+    result: dict[str, Any] = {"model": cfg.model, "data": cfg.data}
+    result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device))
+    if cfg.rouge:
+        save = Path(cfg.out) / "generations.jsonl" if cfg.out else None
+        result.update(generate_rouge(model, tokenizer, cfg.data, cfg.prompt_field, cfg.response_field,
+                                     limit=cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
+                                     device=device, save_to=save))
+    if cfg.out:
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,251 @@
+"""One cache, many runs: a grid of AMiD/preset trainings that all read the same teacher cache.
+
+Each run is its own process (`python -m amid.sweep --run RUN_DIR`), so a crash of one run is
+recorded and the others go on; runs already finished are skipped on restart. With several GPUs
+the runs are spread one per device. At the end: results.csv, results.md and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SweepConfig", "expand_grid", "run_sweep"]
+
+# Presets whose objective does not depend on α (they fix their own mixture or have none).
+ALPHA_FREE = {"kd", "rkl", "skl", "srkl", "gkd", "taid", "abkd", "ce"}
+RESULT_FIELDS = ["run", "preset", "alpha", "lam", "divergence", "order", "status", "eval_kl", "eval_ppl",
+                 "test_ppl", "rougeL", "train_tokens", "wall_s", "error"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    cache: str
+    student: str
+    out: str
+    presets: tuple[str, ...] = ("amid",)
+    alphas: tuple[float, ...] = (0.5,)
+    lams: tuple[float, ...] = (0.1,)
+    divergences: tuple[str, ...] = ("kl",)
+    orders: tuple[str, ...] = ("pr",)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    eval_data: str | None = None  # extra held-out data for perplexity (and ROUGE-L)
+    rouge_limit: int = 0  # prompts scored by ROUGE-L per run (0: skip)
+    devices: tuple[str, ...] = ()  # e.g. ("cuda:0", "cuda:1"); empty: one run at a time on the default
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}".replace("-", "m")
+
+
+def expand_grid(cfg: SweepConfig) -> list[dict[str, Any]]:
+    """The runs of the grid: α-dependent presets (amid) cross α × λ × divergence × order;
+    α-free presets run once each with their own defaults."""
+    runs = []
+    for preset in cfg.presets:
+        if preset in ALPHA_FREE:
+            runs.append({"name": preset, "preset": preset, "loss": {}})
+            continue
+        for alpha, lam, div, order in itertools.product(cfg.alphas, cfg.lams, cfg.divergences, cfg.orders):
+            name = f"{preset}_a{_fmt(alpha)}_l{_fmt(lam)}_{div}_{order}"
+            runs.append({"name": name, "preset": preset,
+                         "loss": {"alpha": alpha, "lam": lam, "divergence": div, "order": order}})
+    return runs
+
+
+def _run_dir(cfg: SweepConfig, name: str) -> Path:
+    return Path(cfg.out) / "runs" / name
+
+
+def _spec(cfg: SweepConfig, run: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "train": {**cfg.train_overrides, "cache": cfg.cache, "student": cfg.student,
+                  "out": str(_run_dir(cfg, run["name"])), "preset": run["preset"], **run["loss"]},
+        "eval_data": cfg.eval_data,
+        "rouge_limit": cfg.rouge_limit,
+        "run": run,
+    }
+
+
+def run_one(run_dir: Path) -> dict[str, Any]:
+    """Train and evaluate one run described by RUN_DIR/sweep_run.json; writes result.json."""
+    from amid.train import TrainConfig, train
+
+    spec = json.loads((run_dir / "sweep_run.json").read_text())
+    t0 = time.time()
+    summary = train(TrainConfig(**spec["train"]))
+    result = {"status": "ok", **{k: summary.get(k) for k in ("eval_kl", "eval_ppl", "train_tokens")}}
+    if spec.get("eval_data"):
+        from amid.evaluate import EvalConfig, evaluate
+
+        ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0,
+                                 limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,
+                                 device=spec["train"].get("device", "auto")))
+        result["test_ppl"] = ev["ppl"]
+        result["rougeL"] = ev.get("rougeL")
+    result["wall_s"] = round(time.time() - t0, 1)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def run_sweep(cfg: SweepConfig, log=print) -> str:
+    """Run every missing run of the grid, then write results.csv, results.md and plots.
+
+    Returns the Markdown table."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    runs = expand_grid(cfg)
+    pending = []
+    for run in runs:
+        d = _run_dir(cfg, run["name"])
+        result = d / "result.json"
+        if result.exists() and json.loads(result.read_text()).get("status") == "ok":
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "sweep_run.json").write_text(json.dumps(_spec(cfg, run), indent=2) + "\n")
+        pending.append(run)
+    log(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished, {len(pending)} to run")
+    _execute(cfg, pending, log)
+    return _report(cfg, runs, log)
+
+
+def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
+    devices = list(cfg.devices) or [None]
+    queue = list(pending)
+    active: list[tuple[subprocess.Popen, dict[str, Any], str | None, float]] = []
+    done = 0
+    while queue or active:
+        free = [d for d in devices if d not in {a[2] for a in active}]
+        while queue and free:
+            run, device = queue.pop(0), free.pop(0)
+            d = _run_dir(cfg, run["name"])
+            env = dict(os.environ)
+            if device and device.startswith("cuda:"):
+                env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+            log_file = open(d / "log.txt", "w")
+            proc = subprocess.Popen([sys.executable, "-m", "amid.sweep", "--run", str(d)], stdout=log_file,
+                                    stderr=subprocess.STDOUT, env=env)
+            active.append((proc, run, device, time.time()))
+        time.sleep(0.2)
+        for item in list(active):
+            proc, run, device, started = item
+            if proc.poll() is None:
+                continue
+            active.remove(item)
+            done += 1
+            d = _run_dir(cfg, run["name"])
+            if proc.returncode != 0 or not (d / "result.json").exists():
+                tail = (d / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                (d / "result.json").write_text(json.dumps({"status": "failed", "error": tail[0][:300]}) + "\n")
+                log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:120]}); see {d / 'log.txt'}")
+            else:
+                r = json.loads((d / "result.json").read_text())
+                log(f"  [{done}/{len(pending)}] {run['name']}: eval_kl {r.get('eval_kl'):.4f}  "
+                    f"eval_ppl {r.get('eval_ppl'):.2f}  ({time.time() - started:.0f} s)")
+
+
+def _report(cfg: SweepConfig, runs: list[dict[str, Any]], log) -> str:
+    from amid.losses import LossConfig
+
+    out = Path(cfg.out)
+    rows = []
+    for run in runs:
+        d = _run_dir(cfg, run["name"])
+        res = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else {"status": "missing"}
+        loss = LossConfig.preset(run["preset"], **run["loss"])
+        rows.append({"run": run["name"], "preset": run["preset"],
+                     "alpha": loss.alpha if run["preset"] not in ALPHA_FREE else "",
+                     "lam": loss.lam, "divergence": loss.divergence, "order": loss.order, **res})
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in RESULT_FIELDS})
+    table = _markdown(rows)
+    cost = _cost_summary(cfg, rows)
+    (out / "results.md").write_text(table + "\n\n" + cost + "\n")
+    plot = _plot(rows, out / "sweep.png")
+    log(cost)
+    if plot:
+        log(f"plot: {plot}")
+    return table
+
+
+def _num(x: Any, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) and x is not None else "—"
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | preset | α | λ | D | order | held-out KL | held-out ppl | test ppl | ROUGE-L | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['preset']} | {r['alpha']} | {r['lam']:g} | {r['divergence']} | {r['order']} | "
+            f"{_num(r.get('eval_kl'), '.4f')} | {_num(r.get('eval_ppl'), '.2f')} | {_num(r.get('test_ppl'), '.2f')} | "
+            f"{_num(r.get('rougeL'), '.2f')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def _cost_summary(cfg: SweepConfig, rows: list[dict[str, Any]]) -> str:
+    from amid.cache import open_cache
+
+    m = open_cache(cfg.cache, verify=False).manifest
+    cached = m["counts"]["positions"]
+    trained = sum(r.get("train_tokens") or 0 for r in rows if r.get("status") == "ok")
+    n_ok = sum(r.get("status") == "ok" for r in rows)
+    return (f"Cost: the teacher scored {cached:,} target positions once for the cache; an online-teacher sweep "
+            f"would have run it on {trained:,} target positions over {n_ok} runs "
+            f"({trained / max(cached, 1):.1f}× the cache's teacher work).")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "eval_kl", "held-out KL(teacher ‖ student)"), (axes[1], "eval_ppl", "held-out perplexity")):
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for r in ok:
+            if r["alpha"] != "" and r.get(key) is not None:
+                curves.setdefault(f"{r['preset']} λ={r['lam']:g} {r['divergence']}/{r['order']}", []).append((r["alpha"], r[key]))
+        for name, pts in curves.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for i, r in enumerate(x for x in ok if x["alpha"] == "" and x.get(key) is not None):
+            ax.axhline(r[key], linestyle="--", color=f"C{(i + 3) % 10}", label=r["preset"])
+        ax.set_xlabel("α")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="best")
+    fig.suptitle("amid sweep: one teacher cache, many students")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="internal: run one sweep run (used by run_sweep)")
+    ap.add_argument("--run", required=True)
+    args = ap.parse_args()
+    run_one(Path(args.run))

@@ -1,0 +1,41 @@
+"""ROUGE-L against hand-computed cases (and the rouge-score package when installed)."""
+
+import pytest
+
+from amid.evaluate import rouge_l, rouge_tokens
+
+
+def test_tokenization_matches_rouge_score_default():
+    assert rouge_tokens("The cat, sat! on-the MAT.") == ["the", "cat", "sat", "on", "the", "mat"]
+
+
+@pytest.mark.parametrize(
+    "pred, ref, want",
+    [
+        # identical
+        ("the cat sat", "the cat sat", 1.0),
+        # nothing in common
+        ("dog", "the cat sat", 0.0),
+        ("", "the cat sat", 0.0),
+        # LCS("the cat sat on the mat", "the cat lay on the mat") = the cat on the mat = 5; P = R = 5/6
+        ("the cat sat on the mat", "the cat lay on the mat", 5 / 6),
+        # LCS = "a c" (2); P = 2/3, R = 2/4; F = 2PR/(P+R) = 4/7
+        ("a b c", "a x c y", 4 / 7),
+        # order matters: LCS("c b a", "a b c") = 1; P = R = 1/3
+        ("c b a", "a b c", 1 / 3),
+    ],
+)
+def test_hand_computed(pred, ref, want):
+    assert rouge_l(pred, ref) == pytest.approx(want, abs=1e-12)
+
+
+def test_matches_rouge_score_package():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer", reason="rouge-score not installed")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pairs = [
+        ("The quick brown fox jumps over the lazy dog", "A quick brown dog jumps over the fox"),
+        ("Paris is the capital of France.", "The capital of France is Paris"),
+        ("1, 2, 3 go!", "go 3 2 1"),
+    ]
+    for pred, ref in pairs:
+        assert rouge_l(pred, ref) == pytest.approx(scorer.score(ref, pred)["rougeL"].fmeasure, abs=1e-12)
