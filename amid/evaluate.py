@@ -135,8 +135,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(cfg.model)
-    for sub in ("final", "checkpoint"):
-        if (path / sub / "config.json").exists() and not (path / "config.json").exists():
+    for sub in ("final", "checkpoint"):  # a run directory: its final model, else its last checkpoint
+        if (path / sub / "config.json").exists():
             path = path / sub
             break
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
