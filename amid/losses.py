@@ -4,7 +4,10 @@
 - `sparse_loss`: the (k + 1)-bin objective from a cached top-k teacher with its exact tail
   mass. The student side is computed by `student_bins`, a custom autograd function that reads
   the [N, V] logits chunk by chunk and writes their gradient in place: no autograd graph over
-  [N, V] intermediates, no [N, V] float32 copy when the logits are bf16/fp16.
+  [N, V] intermediates, no [N, V] float32 copy when the logits are bf16/fp16. On CUDA its two
+  passes over the logits (and the [N, k + 1] objective, `bins_loss`) run as torch.compile'd
+  kernels from `amid.fused`; `amid.fused.fused_sparse_loss` goes one step further and never
+  builds the logits at all.
 
 Both return the per-position loss, shape [N]; masking and averaging are the caller's.
 Arithmetic runs in the wider of float32 and the logits' dtype.
@@ -15,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,16 @@ from torch import Tensor
 from amid import divergences as D
 from amid.mixture import log_alpha_mixture
 
-__all__ = ["LossConfig", "PRESETS", "full_loss", "sparse_loss", "student_bins", "mix_ce"]
+__all__ = [
+    "LossConfig",
+    "PRESETS",
+    "full_loss",
+    "sparse_loss",
+    "bins_loss",
+    "tail_weight_degree",
+    "student_bins",
+    "mix_ce",
+]
 
 ORDERS = ("pr", "rp", "qr", "rq")
 TAIL_MODES = ("bucket", "bucket_unweighted", "renorm")
@@ -198,10 +210,55 @@ def sparse_loss(
             f"topk_logprobs {tuple(topk_logprobs.shape)} / tail_logmass {tuple(tail_logmass.shape)}"
             f" must be [{n}, {k}] / [{n}]"
         )
-    dtype = _compute_dtype(student_logits)
+    s = tail_weight_degree(config)
+    log_q_s, log_q_tail, log_gamma = student_bins(student_logits, topk_ids, s)
+    return bins_loss(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)
+
+
+def tail_weight_degree(config: LossConfig) -> float | None:
+    """The exponent s of the tail weight γ (SPEC §4), or None when the objective needs no γ.
+
+    γ is needed only for the bucket tail of a divergence that is not homogeneous of degree 1
+    (the α-β divergence with a_ + b_ ≠ 1)."""
     deg = D.degree(config.divergence, config.ab_alpha, config.ab_beta)
-    want_gamma = config.tail == "bucket" and deg != 1.0
-    log_q_s, log_q_tail, log_gamma = student_bins(student_logits, topk_ids, deg if want_gamma else None)
+    return deg if config.tail == "bucket" and deg != 1.0 else None
+
+
+def bins_loss(
+    log_q_s: Tensor,
+    log_q_tail: Tensor,
+    log_gamma: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    config: LossConfig,
+) -> Tensor:
+    """The (k + 1)-bin objective from the student's bins, per position (plain autograd, [N, k+1]).
+
+    The shared second half of `sparse_loss` and `amid.fused.fused_sparse_loss`: the student side
+    (log q(S) [N, k], log q_tail [N], log γ [N], as `student_bins` returns them) comes from
+    the logits or from the LM head; everything here is only k + 1 wide. `log_gamma` is used
+    only when `tail_weight_degree(config)` is not None.
+
+    On CUDA (with `amid.fused`'s compiled kernels on) the whole objective, forward and backward,
+    runs through torch.compile: a few fused kernels instead of ~200 small launches.
+    """
+    from amid import fused  # late import: amid.fused builds on this module
+
+    out = fused.compiled_objective(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)
+    if out is not None:
+        return out
+    return _bins_loss_eager(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)
+
+
+def _bins_loss_eager(
+    log_q_s: Tensor,
+    log_q_tail: Tensor,
+    log_gamma: Tensor,
+    topk_logprobs: Tensor,
+    tail_logmass: Tensor,
+    config: LossConfig,
+) -> Tensor:
+    dtype = log_q_s.dtype
     log_p_s = topk_logprobs.detach().to(dtype)
 
     if config.tail == "renorm":
@@ -211,7 +268,7 @@ def sparse_loss(
     log_p = _normalise(torch.cat([log_p_s, tail_logmass.detach().to(dtype)[:, None]], dim=-1))
     log_q = torch.cat([log_q_s, log_q_tail[:, None]], dim=-1)
     weight = None
-    if want_gamma:
+    if tail_weight_degree(config) is not None:
         weight = torch.cat([torch.ones_like(log_q_s), log_gamma.exp()[:, None]], dim=-1)
     return _objective(log_p, log_q, config, weight)
 
@@ -243,63 +300,139 @@ def _scaled(z: Tensor, s: float) -> Tensor:
     return torch.where(torch.isneginf(z), z, z * s)
 
 
+class _BinGrads(NamedTuple):
+    """dL/dz of the student bins, in factored form (one row per position):
+
+        dL/dz_j = g_top[j]                                     j ∈ S
+                = coef · exp(z_j − lse_tail) + gs · exp(s·z_j − lse_s_tail)      j ∉ S
+
+    lse_tail / lse_s_tail are 0 where the row has no tail (coef and gs are 0 there)."""
+
+    g_top: Tensor  # [N, k]
+    coef: Tensor  # [N]
+    lse_tail: Tensor  # [N]
+    gs: Tensor | None  # [N], only with the α-β tail weight
+    lse_s_tail: Tensor | None  # [N]
+
+    def rows(self, rows: slice) -> "_BinGrads":
+        return _BinGrads(*(None if t is None else t[rows] for t in self))
+
+    def scaled(self, w: Tensor) -> "_BinGrads":
+        """The gradient of Σ_i w_i·L_i instead of Σ_i L_i (w: [N])."""
+        return _BinGrads(
+            self.g_top * w[:, None],
+            self.coef * w,
+            self.lse_tail,
+            None if self.gs is None else self.gs * w,
+            self.lse_s_tail,
+        )
+
+
+def _bin_grads(
+    g_s: Tensor,
+    g_tail: Tensor,
+    g_gamma: Tensor,
+    lse_tail: Tensor,
+    lse_s_tail: Tensor,
+    log_q_s: Tensor,
+    log_q_tail: Tensor,
+    s: float | None,
+) -> _BinGrads:
+    """Chain rule from the bins' gradients (g_s, g_tail, g_gamma) to the logits, factored."""
+    dtype = log_q_s.dtype
+    g_s = g_s.to(dtype)
+    g_tail = g_tail.to(dtype)
+    # dL/dz_j = g_S[j] − q_j·G              for j ∈ S
+    #         = π_j · (g_tail − G·q_tail)     for j ∉ S, π_j = q_j / q_tail = exp(z_j − lse_tail) ≤ 1
+    #           + g_γ·s·(π^(s)_j − π_j)       (α-β tail weight), π^(s) = softmax over the tail of s·z
+    big_g = g_s.sum(dim=1) + g_tail
+    has_tail = torch.isfinite(lse_tail)
+    zero = torch.zeros_like(lse_tail)
+    q_tail = torch.where(has_tail, log_q_tail.exp(), zero)
+    coef = torch.where(has_tail, g_tail - big_g * q_tail, zero)
+    g_top = g_s - log_q_s.exp() * big_g[:, None]
+    gs = lse_s = None
+    if s is not None:
+        gs = torch.where(has_tail, g_gamma.to(dtype) * s, zero)
+        coef = coef - gs
+        lse_s = torch.where(has_tail, lse_s_tail, zero)
+    return _BinGrads(g_top, coef, torch.where(has_tail, lse_tail, zero), gs, lse_s)
+
+
+def _dense_tail_grad_(z: Tensor, bg: _BinGrads, s: float | None) -> Tensor:
+    """In place on z (compute dtype): coef·exp(z − lse_tail) [+ gs·exp(s·z − lse_s_tail)]."""
+    extra = None
+    if s is not None:
+        extra = _scaled(z, s).sub_(bg.lse_s_tail[:, None]).exp_().mul_(bg.gs[:, None])
+    out = z.sub_(bg.lse_tail[:, None]).exp_().mul_(bg.coef[:, None])
+    return out if extra is None else out.add_(extra)
+
+
+def _fast_path(t: Tensor) -> bool:
+    """Whether the compiled (torch.compile) student-side kernels serve this tensor."""
+    from amid import fused  # late import: amid.fused builds on this module
+
+    return fused.compiled_kernels_enabled(t)
+
+
 class _StudentBins(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, s: float | None):  # type: ignore[override]
         n, v = logits.shape
         dtype = _compute_dtype(logits)
-        log_q_s = torch.empty(ids.shape, dtype=dtype, device=logits.device)
-        lse = torch.empty(n, dtype=dtype, device=logits.device)
-        lse_tail = torch.empty_like(lse)
-        lse_s_tail = torch.zeros_like(lse)
-        for rows in _row_chunks(n, v):
-            z = logits[rows].to(dtype, copy=True)
-            idx = ids[rows]
-            z_s = z.gather(1, idx)
-            z.scatter_(1, idx, -math.inf)
-            lse_tail[rows] = torch.logsumexp(z, dim=1)
-            lse[rows] = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail[rows])
-            log_q_s[rows] = z_s - lse[rows, None]
+        fast = _fast_path(logits)
+        if fast:
+            from amid import fused
+
+            try:
+                log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma = fused.logit_stats(logits, ids, s, dtype)
+            except fused._CompileFailed:
+                fast = False
+        if not fast:
+            log_q_s = torch.empty(ids.shape, dtype=dtype, device=logits.device)
+            lse = torch.empty(n, dtype=dtype, device=logits.device)
+            lse_tail = torch.empty_like(lse)
+            lse_s_tail = torch.zeros_like(lse)
+            for rows in _row_chunks(n, v):
+                z = logits[rows].to(dtype, copy=True)
+                idx = ids[rows]
+                z_s = z.gather(1, idx)
+                z.scatter_(1, idx, -math.inf)
+                lse_tail[rows] = torch.logsumexp(z, dim=1)
+                lse[rows] = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail[rows])
+                log_q_s[rows] = z_s - lse[rows, None]
+                if s is not None:
+                    lse_s_tail[rows] = torch.logsumexp(_scaled(z, s), dim=1)
+            has_tail = torch.isfinite(lse_tail)
+            log_q_tail = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, -math.inf))
+            log_gamma = torch.zeros_like(lse)
             if s is not None:
-                lse_s_tail[rows] = torch.logsumexp(_scaled(z, s), dim=1)
-        has_tail = torch.isfinite(lse_tail)
-        log_q_tail = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, -math.inf))
-        log_gamma = torch.zeros_like(lse)
-        if s is not None:
-            log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
+                log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
         ctx.s = s
-        ctx.save_for_backward(logits, ids, lse, lse_tail, lse_s_tail, log_q_s, log_q_tail)
+        ctx.fast = fast
+        ctx.save_for_backward(logits, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail)
         return log_q_s, log_q_tail, log_gamma
 
     @staticmethod
     def backward(ctx, g_s: Tensor, g_tail: Tensor, g_gamma: Tensor):  # type: ignore[override]
-        logits, ids, lse, lse_tail, lse_s_tail, log_q_s, log_q_tail = ctx.saved_tensors
+        logits, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail = ctx.saved_tensors
         s = ctx.s
         n, v = logits.shape
-        dtype = lse.dtype
-        g_s = g_s.to(dtype)
-        g_tail = g_tail.to(dtype)
-        # dL/dz_j = g_S[j] − q_j·G              for j ∈ S
-        #         = π_j · (g_tail − G·q_tail)     for j ∉ S, π_j = q_j / q_tail = exp(z_j − lse_tail) ≤ 1
-        #           + g_γ·s·(π^(s)_j − π_j)       (α-β tail weight), π^(s) = softmax over the tail of s·z
-        big_g = g_s.sum(dim=1) + g_tail
-        has_tail = torch.isfinite(lse_tail)
-        q_tail = torch.where(has_tail, log_q_tail.exp(), torch.zeros_like(lse))
-        coef = torch.where(has_tail, g_tail - big_g * q_tail, torch.zeros_like(lse))
-        lse_tail_safe = torch.where(has_tail, lse_tail, torch.zeros_like(lse))
-        g_top = g_s - log_q_s.exp() * big_g[:, None]
-        if s is not None:
-            gs = torch.where(has_tail, g_gamma.to(dtype) * s, torch.zeros_like(lse))
-            coef = coef - gs
+        dtype = lse_tail.dtype
+        if ctx.fast:
+            from amid import fused
+
+            bg = fused.bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+            try:
+                return fused.logit_grad(logits, ids, bg, s, dtype), None, None
+            except fused._CompileFailed:
+                pass
+        else:
+            bg = _bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
         grad = torch.empty_like(logits)
         for rows in _row_chunks(n, v):
-            z = logits[rows].to(dtype)
-            pi = (z - lse_tail_safe[rows, None]).exp_()
-            out = pi.mul_(coef[rows, None])
-            if s is not None:
-                pi_s = (_scaled(z, s) - lse_s_tail[rows, None]).exp_()
-                out.add_(pi_s.mul_(gs[rows, None]))
-            out.scatter_(1, ids[rows], g_top[rows])
+            out = _dense_tail_grad_(logits[rows].to(dtype, copy=True), bg.rows(rows), s)
+            out.scatter_(1, ids[rows], bg.g_top[rows])
             grad[rows] = out
         return grad, None, None
 
