@@ -219,5 +219,72 @@ def eval_cmd(seeds: str, **options) -> None:
     click.echo(json.dumps(result, indent=2))
 
 
+from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid` already)
+
+
+@main.command("train")
+@click.option("--cache", required=True, type=click.Path(file_okay=False), help="Teacher cache (stage one's --out).")
+@click.option("--student", required=True, help="Student: hub name or local directory (the starting weights).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (config, metrics, checkpoints).")
+@click.option("--preset", default="amid", show_default=True, type=click.Choice(list(PRESETS)),
+              help="Method; the options below override its settings.")
+@click.option("--alpha", type=float, default=None, help="α of the α-mixture (any real; 1 = geometric). [preset's]")
+@click.option("--lam", type=float, default=None, help="Teacher weight λ in [0, 1]. [preset's]")
+@click.option("--lam-end", type=float, default=None, help="λ at the end of training, linear schedule (TAID). [preset's]")
+@click.option("--divergence", default=None, help="kl, ab (α-β), tv or jsd. [preset's]")
+@click.option("--order", default=None, help="pr = D(p,r), rp, qr or rq. [preset's]")
+@click.option("--ab-alpha", type=float, default=None, help="α-β divergence a. [0.2]")
+@click.option("--ab-beta", type=float, default=None, help="α-β divergence b. [0.7]")
+@click.option("--jsd-beta", type=float, default=None, help="β of the generalised JSD. [0.5]")
+@click.option("--ce-weight", type=float, default=None, help="w in (1-w)·KD + w·CE on ground-truth tokens. [0]")
+@click.option("--tail", default=None, help="bucket (exact tail bin), bucket_unweighted or renorm (biased). [bucket]")
+@click.option("--stop-grad-r/--no-stop-grad-r", default=None, help="Detach the student inside r (TAID does).")
+@click.option("--lr", default=5e-5, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup", "warmup_steps", type=int, default=None, help="Warmup steps. [3% of the steps]")
+@click.option("--weight-decay", default=0.01, show_default=True)
+@click.option("--batch-size", default=8, show_default=True, help="Sequences per batch.")
+@click.option("--max-tokens", type=int, default=None, help="Batch by padded tokens instead of sequences.")
+@click.option("--grad-accum", default=1, show_default=True, help="Batches per optimizer step.")
+@click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: none).")
+@click.option("--epochs", default=1, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs.")
+@click.option("--eval-every", default=500, show_default=True, help="Steps between held-out evaluations.")
+@click.option("--eval-fraction", default=0.05, show_default=True, help="Share of the cache held out (by example id).")
+@click.option("--eval-cache", default=None, type=click.Path(file_okay=False), help="Evaluate on this cache instead.")
+@click.option("--log-every", default=10, show_default=True)
+@click.option("--save-every", default=500, show_default=True, help="Steps between checkpoints.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU); weights stay fp32.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--fused/--no-fused", default=None, help="LM head fused with the loss. [on for CUDA, vocab >= 16k]")
+@click.option("--online-teacher", default=None,
+              help="Reference path: run this teacher every step, full-vocabulary loss (compare with the cache).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory).")
+@click.option("--num-workers", default=2, show_default=True, help="Threads reading cache shards.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def train_cmd(quiet: bool, **options) -> None:
+    """Distill a student from a teacher cache with AMiD (or a classic preset).
+
+    Writes RUN_DIR/config.json, metrics.jsonl (loss, lr, tokens/s; eval_kl, eval_ppl), checkpoint/
+    (resumable with --resume) and final/ (loadable by transformers' from_pretrained).
+
+    \b
+    Examples:
+      amid train --cache cache/ --student gpt2 --out runs/a05 --alpha 0.5 --lam 0.1
+      amid train --cache cache/ --student gpt2 --out runs/taid --preset taid --max-steps 2000
+    """
+    from amid.train import TrainConfig, TrainError, train
+
+    try:
+        train(TrainConfig(progress=not quiet, **options), log=lambda m: click.echo(m, err=True))
+    except TrainError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,323 @@
+"""Training batches from a teacher cache: held-out split, seeded plan, background reading.
+
+The order of batches is a pure function of the cache's metadata and the seed, decided before any
+top-k data is read:
+
+- `scan` reads only each shard's `example_id`, `input_ids` and `positions` columns (lengths).
+- `split` holds out evaluation examples by a hash of `example_id` (stable across runs, seeds
+  and shard layouts).
+- `Plan` cuts every epoch into *windows*: the shards in a seeded order, grouped until a window
+  holds at least `shuffle_buffer` training examples. A window's examples are shuffled, sorted by
+  length inside pools of ~64 batches (little padding), cut into batches (a number of sequences,
+  or a budget of padded tokens) and the batches shuffled again.
+- `Loader` reads a window's shards (checksums verified, in `num_workers` threads, the next
+  window while the current one is served) and collates batches in a background thread.
+
+A position in the stream is `Position(epoch, window, batch)`: the next batch to serve. Every
+batch carries the position after it, which is what a checkpoint stores; a resumed loader starts
+there and reads only that window.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from amid.cache import Cache, CacheError
+
+__all__ = ["ShardMeta", "Position", "Plan", "Loader", "scan", "split", "cut_batches", "collate", "POOL_BATCHES"]
+
+POOL_BATCHES = 64  # length sorting happens inside pools of this many batches
+
+
+@dataclass
+class ShardMeta:
+    """Per-example metadata of one shard, in the shard's row order."""
+
+    example_ids: np.ndarray  # [n] int64
+    lengths: np.ndarray  # [n] tokens per example
+
+
+def scan(cache: Cache) -> list[ShardMeta]:
+    """Ids and lengths of every example, reading only two small columns of each shard (the
+    checksums are verified when the loader reads the whole shard)."""
+    metas = []
+    for info in cache.shards:
+        f = cache.path / info["file"]
+        try:
+            table = pq.read_table(f, columns=["example_id", "input_ids"])
+        except (OSError, ValueError) as exc:  # missing file, not Parquet (ArrowInvalid is a ValueError)
+            raise CacheError(f"shard {f}: cannot be read ({exc}); the cache is damaged, recreate it") from None
+        metas.append(
+            ShardMeta(
+                example_ids=table.column("example_id").to_numpy().astype(np.int64),
+                lengths=pc.list_value_length(table.column("input_ids")).to_numpy().astype(np.int64),
+            )
+        )
+    return metas
+
+
+def _unit_hash(example_ids: np.ndarray) -> np.ndarray:
+    """splitmix64 of each id mapped to [0, 1): a fixed pseudo-random number per example."""
+    z = example_ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def split(metas: list[ShardMeta], fraction: float, cap: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training rows, evaluation rows) of each shard, chosen by a hash of example_id.
+
+    Examples whose hash is below `fraction` are held out (at least one if fraction > 0): never
+    trained on. The evaluation set is the `cap` of them with the lowest hashes. The choice is
+    stable across runs, seeds and shard layouts.
+    """
+    hashes = [_unit_hash(m.example_ids) for m in metas]
+    everything = np.concatenate(hashes) if hashes else np.zeros(0)
+    if fraction <= 0 or len(everything) == 0:
+        return [np.arange(len(h)) for h in hashes], [np.zeros(0, np.int64) for _ in hashes]
+    threshold = max(fraction, float(np.nextafter(everything.min(), 2.0)))
+    limit = np.sort(everything[everything < threshold])[:cap][-1]
+    return [np.nonzero(h >= threshold)[0] for h in hashes], [np.nonzero(h <= limit)[0] for h in hashes]
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the stream is: the next batch to serve is batch `batch` of window `window` of `epoch`."""
+
+    epoch: int = 0
+    window: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+Batch = list[tuple[int, int]]  # (shard index, row in shard) per sequence
+
+
+class Plan:
+    """Which examples form which batch, for every epoch, from metadata and the seed only."""
+
+    def __init__(
+        self,
+        metas: list[ShardMeta],
+        rows: list[np.ndarray],
+        seed: int,
+        batch_size: int,
+        max_tokens: int | None,
+        shuffle_buffer: int,
+    ):
+        """`rows[s]`: the rows of shard s that are used for training."""
+        self.metas = metas
+        self.rows = rows
+        self.seed = seed
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self._cache: dict[int, list[tuple[list[int], list[Batch]]]] = {}
+        self.examples = int(sum(len(r) for r in rows))
+        self.batches_per_epoch = sum(len(b) for _, b in self.epoch(0))
+
+    def epoch(self, epoch: int) -> list[tuple[list[int], list[Batch]]]:
+        """The windows of an epoch: (shards to read, batches), in serving order."""
+        if epoch not in self._cache:
+            # Keep two epochs (the producer looks one ahead at an epoch's end): plans can be large.
+            self._cache = {e: p for e, p in self._cache.items() if e == epoch - 1}
+            self._cache[epoch] = self._make_epoch(epoch)
+        return self._cache[epoch]
+
+    def _make_epoch(self, epoch: int) -> list[tuple[list[int], list[Batch]]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.metas))
+        windows, current, count = [], [], 0
+        for s in order:
+            if len(self.rows[s]) == 0:
+                continue
+            current.append(int(s))
+            count += len(self.rows[s])
+            if count >= self.shuffle_buffer:
+                windows.append(current)
+                current, count = [], 0
+        if current:
+            windows.append(current)
+        return [(shards, self._window_batches(shards, epoch, w)) for w, shards in enumerate(windows)]
+
+    def _window_batches(self, shards: list[int], epoch: int, window: int) -> list[Batch]:
+        rng = np.random.default_rng([self.seed, epoch, window, 1])
+        items = np.concatenate([np.stack([np.full(len(self.rows[s]), s), self.rows[s]], 1) for s in shards])
+        lengths = np.concatenate([self.metas[s].lengths[self.rows[s]] for s in shards])
+        shuffle = rng.permutation(len(items))
+        items, lengths = items[shuffle], lengths[shuffle]
+        if self.max_tokens is None:
+            pool = POOL_BATCHES * self.batch_size
+        else:
+            pool = max(1, POOL_BATCHES * self.max_tokens // max(1, int(lengths.mean())))
+        batches: list[Batch] = []
+        for start in range(0, len(items), pool):
+            chunk = slice(start, start + pool)
+            order = np.argsort(lengths[chunk], kind="stable")
+            sorted_items = [(int(s), int(r)) for s, r in items[chunk][order]]
+            sorted_lengths = lengths[chunk][order].tolist()
+            batches.extend(cut_batches(sorted_items, sorted_lengths, self.batch_size, self.max_tokens))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def after(self, pos: Position) -> Position:
+        """The position following `pos` (which must name a batch that exists)."""
+        windows = self.epoch(pos.epoch)
+        if pos.batch + 1 < len(windows[pos.window][1]):
+            return Position(pos.epoch, pos.window, pos.batch + 1)
+        if pos.window + 1 < len(windows):
+            return Position(pos.epoch, pos.window + 1, 0)
+        return Position(pos.epoch + 1, 0, 0)
+
+
+def cut_batches(items: list, lengths: list[int], batch_size: int, max_tokens: int | None) -> Iterator[list]:
+    """Consecutive batches of length-sorted items: `batch_size` sequences, or (with `max_tokens`)
+    as many as fit in `max_tokens` padded tokens (a longer example forms a batch of its own)."""
+    batch: list = []
+    longest = 0
+    for item, n in zip(items, lengths):
+        longest_if = max(longest, n)
+        full = len(batch) >= batch_size if max_tokens is None else longest_if * (len(batch) + 1) > max_tokens
+        if batch and full:
+            yield batch
+            batch, longest_if = [], n
+        batch.append(item)
+        longest = longest_if
+    if batch:
+        yield batch
+
+
+def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    """Right-padded inputs and the flattened target rows of a list of cache examples.
+
+    Returns input_ids / attention_mask [B, T]; rows [N] (b·T + t of each target position t,
+    whose logits predict input_ids[b, t + 1]); targets [N]; topk_ids / topk_logprobs [N, k];
+    tail_logmass [N]; tokens (real, unpadded tokens in the batch).
+    """
+    longest = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    rows = []
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = e["input_ids"]
+        mask[b, :n] = 1
+        rows.append(e["positions"] + b * longest)
+    rows_t = torch.cat(rows)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "rows": rows_t,
+        "targets": input_ids.view(-1)[rows_t + 1],
+        "topk_ids": torch.cat([e["topk_ids"] for e in examples]),
+        "topk_logprobs": torch.cat([e["topk_logprobs"] for e in examples]),
+        "tail_logmass": torch.cat([e["tail_logmass"] for e in examples]),
+        "tokens": int(mask.sum()),
+    }
+
+
+_DONE = object()
+
+
+class Loader:
+    """Serves the plan's batches from `start` on, collated, from a background thread.
+
+    Iterating yields (batch dict, position after the batch); it runs through `epochs` epochs
+    (None: forever). Reading errors (a damaged shard) are raised in the consumer.
+    """
+
+    def __init__(
+        self,
+        cache: Cache,
+        plan: Plan,
+        pad_id: int,
+        start: Position = Position(),
+        epochs: int | None = None,
+        num_workers: int = 2,
+        prefetch: int = 8,
+        pin_memory: bool = False,
+    ):
+        self.cache = cache
+        self.plan = plan
+        self.pad_id = pad_id
+        self.start = start
+        self.epochs = epochs
+        self.pin_memory = pin_memory
+        self._pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="amid-read")
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="amid-loader", daemon=True)
+        self._thread.start()
+
+    def _read_window(self, shards: list[int]) -> dict[int, Future]:
+        return {s: self._pool.submit(lambda s=s: list(self.cache.iter_shard(s))) for s in shards}
+
+    def _windows(self) -> Iterator[tuple[int, int, list[Batch]]]:
+        epoch, window = self.start.epoch, self.start.window
+        while self.epochs is None or epoch < self.epochs:
+            windows = self.plan.epoch(epoch)
+            for w in range(window, len(windows)):
+                yield epoch, w, windows[w]
+            epoch, window = epoch + 1, 0
+
+    def _produce(self) -> None:
+        try:
+            windows = self._windows()
+            upcoming = next(windows, None)
+            reading = self._read_window(upcoming[2][0]) if upcoming else None
+            first = True
+            while upcoming is not None and not self._stop.is_set():
+                epoch, w, (_, batches) = upcoming
+                examples = {s: f.result() for s, f in reading.items()}
+                upcoming = next(windows, None)  # read the next window while serving this one
+                reading = self._read_window(upcoming[2][0]) if upcoming else None
+                skip = self.start.batch if first else 0
+                first = False
+                for b in range(skip, len(batches)):
+                    batch = collate([examples[s][r] for s, r in batches[b]], self.pad_id)
+                    if self.pin_memory:
+                        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                    if not self._put((batch, self.plan.after(Position(epoch, w, b)))):
+                        return
+            self._put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[tuple[dict[str, Any], Position]]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

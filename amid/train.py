@@ -1,0 +1,733 @@
+"""Stage two: distill a student from a teacher cache (issue 4).
+
+`train(TrainConfig(cache=..., student=..., out=...))` runs a plain loop:
+
+    for each step: grad_accum micro-batches from the cache (background loader)
+                   loss = mean over target positions of (1 − w)·AMiD(k + 1 bins) + w·CE
+                   backward, clip, AdamW, learning-rate schedule (a function of the step)
+                   log to metrics.jsonl; evaluate / checkpoint when due
+
+No teacher is loaded: its top-k log-probabilities and tail mass come from the cache. Outputs in
+the run directory:
+
+    config.json       the resolved configuration
+    metrics.jsonl     one object per logging step (step, loss, lr, tokens_per_s, ...) and one
+                      per evaluation (step, eval_loss, eval_kl, eval_ce, eval_ppl)
+    checkpoint/       the student (save_pretrained, safetensors), its tokenizer and
+                      trainer_state.pt (optimizer, RNG, data position, step); replaced atomically
+    final/            the trained student and tokenizer, loadable by plain transformers
+    summary.json      what `train` returns
+
+`resume=True` continues from checkpoint/; on CPU the resumed run's losses equal an
+uninterrupted run's step for step (same data order, optimizer state and RNG state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from amid import __version__
+from amid.cache import Cache, _fsync_dir, open_cache, write_json_atomic
+from amid.loader import Loader, Plan, Position, collate, cut_batches, scan, split
+from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
+from amid.teacher import _resolve_device, _resolve_dtype, tokenizer_identity
+
+__all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
+
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+STATE_FILE = "trainer_state.pt"
+FUSED_MIN_VOCAB = 16384
+LOSS_FIELDS = ("alpha", "lam", "lam_end", "divergence", "order", "ab_alpha", "ab_beta", "jsd_beta", "ce_weight",
+               "tail", "stop_grad_r")
+KL = LossConfig.preset("kd")  # eval_kl: KL(p̄ ‖ q̄) over the k + 1 bins
+# Fields that may change between a run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "progress", "num_workers", "device", "dtype", "fused", "log_every", "eval_every",
+     "save_every", "max_steps", "epochs", "student"}
+)
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue: incompatible student, bad run directory, ..."""
+
+
+class TrainingDiverged(TrainError):
+    """The loss or the gradient became NaN/inf; the message names the step and the checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `amid train` needs; saved as RUN_DIR/config.json.
+
+    Batches hold `batch_size` sequences, or with `max_tokens` as many as fit in that many padded
+    tokens. A step is `grad_accum` batches. `max_steps`, if set, overrides `epochs`.
+    `warmup_steps` None means 3 % of the steps. `eval_fraction` of the cache's examples (chosen
+    by a hash of example_id: stable) is held out, at most `eval_max_examples` of them used;
+    `eval_cache` instead evaluates on a separate cache and trains on all of `cache`.
+    `fused` None: the fused LM-head loss on CUDA for vocabularies of at least FUSED_MIN_VOCAB
+    tokens (below that the logits are small and compiling the fused kernels does not pay).
+    `online_teacher`: instead of the cache's top-k, run this teacher on every batch and use the
+    full-vocabulary loss (`full_loss`): the reference the cache is compared against. The cache
+    still supplies the data and the held-out split; evaluation adds eval_kl_full, the
+    full-vocabulary KL(p ‖ q) to that teacher.
+
+    The objective is `preset` with the loss fields that are not None as overrides (see
+    `amid.losses.LossConfig`); `loss` is the resulting LossConfig.
+    """
+
+    cache: str
+    student: str
+    out: str
+    preset: str = "amid"
+    alpha: float | None = None
+    lam: float | None = None
+    lam_end: float | None = None
+    divergence: str | None = None
+    order: str | None = None
+    ab_alpha: float | None = None
+    ab_beta: float | None = None
+    jsd_beta: float | None = None
+    ce_weight: float | None = None
+    tail: str | None = None
+    stop_grad_r: bool | None = None
+    lr: float = 5e-5
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 8
+    max_tokens: int | None = None
+    grad_accum: int = 1
+    clip: float | None = 1.0
+    epochs: int = 1
+    max_steps: int | None = None
+    eval_cache: str | None = None
+    eval_fraction: float = 0.05
+    eval_max_examples: int = 1000
+    eval_every: int = 500
+    log_every: int = 10
+    save_every: int = 500
+    seed: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    fused: bool | None = None
+    online_teacher: str | None = None
+    gradient_checkpointing: bool = False
+    num_workers: int = 2
+    shuffle_buffer: int = 4096
+    resume: bool = False
+    progress: bool = True
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
+            (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup must be at least 0"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.weight_decay >= 0, f"--weight-decay must be at least 0, got {self.weight_decay}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be at least 1, got {self.max_tokens}"),
+            (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
+            (self.clip is None or self.clip >= 0, f"--clip must be at least 0, got {self.clip}"),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}"),
+            (0 <= self.eval_fraction < 1, f"--eval-fraction must be in [0, 1), got {self.eval_fraction}"),
+            (self.eval_max_examples >= 1, f"eval_max_examples must be at least 1, got {self.eval_max_examples}"),
+            (min(self.eval_every, self.log_every, self.save_every) >= 1,
+             "--eval-every, --log-every and --save-every must be at least 1"),
+            (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.loss  # noqa: B018  (validates the preset and the overrides)
+
+    @property
+    def loss(self) -> LossConfig:
+        overrides = {f: getattr(self, f) for f in LOSS_FIELDS if getattr(self, f) is not None}
+        return LossConfig.preset(self.preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**{**d, "adam_betas": tuple(d["adam_betas"])})
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+
+
+def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
+    """The learning rate of update `step` (0-based) of `total`: linear warmup, then the schedule
+    down to lr · min_lr_ratio. A pure function of the step: the scheduler has no state to save."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Student and compatibility
+
+
+def _load_student(path: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    # Master weights in float32; bf16/fp16 is autocast's business.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _describe_tokenizer(ident: dict[str, Any]) -> str:
+    return f"{ident.get('vocab_size')} tokens, vocab sha256 {str(ident.get('vocab_sha256'))[:12]}"
+
+
+def check_compatible(student: str, model, tokenizer, cache: Cache) -> None:
+    """Refuse a student whose tokenizer is not the cache's or whose vocabulary is smaller."""
+    m = cache.manifest
+    mine = tokenizer_identity(tokenizer)
+    theirs = m["tokenizer"]
+    teacher = m.get("teacher", {}).get("name_or_path", "?")
+    if mine != theirs:
+        raise TrainError(
+            f"student {student} has a different tokenizer ({_describe_tokenizer(mine)}) than the cache "
+            f"{cache.path} of teacher {teacher} ({_describe_tokenizer(theirs)}); distill into a student "
+            f"that shares the teacher's tokenizer"
+        )
+    student_vocab = _vocab_size(model)
+    if student_vocab < int(m["vocab_size"]):
+        raise TrainError(
+            f"student {student} has {student_vocab} output logits, fewer than the teacher's "
+            f"{m['vocab_size']} in {cache.path}; the student's vocabulary must cover the teacher's"
+        )
+
+
+def _vocab_size(model) -> int:
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+class Head:
+    """How the student turns a batch into logits (or hidden states) at the target rows.
+
+    With a plain LM head (logits = head(last hidden state), checked numerically once) only the
+    target rows go through the head, and the fused loss can skip the logits altogether.
+    Otherwise (soft-capping, logit scaling, ...) the model's own logits are gathered."""
+
+    def __init__(self, model):
+        self.model = model
+        self.head = model.get_output_embeddings()
+        self.base = getattr(model, "base_model", model)
+        self.plain = self.base is not model and self.head is not None and self._head_is_plain()
+
+    @torch.no_grad()
+    def _head_is_plain(self) -> bool:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            v = self.head.weight.shape[0]
+            ids = (torch.arange(12, device=self.head.weight.device) * 37 % v)[None]
+            full = self.model(input_ids=ids, use_cache=False).logits.float()
+            hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state
+            mine = self.head(hidden).float()
+            return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-3, atol=1e-4)
+        except Exception:  # any model whose base/head split does not work: use its logits
+            return False
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def linear(self) -> bool:
+        return self.plain and isinstance(self.head, torch.nn.Linear)
+
+    def hidden(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[N, H] last hidden states at the target rows (plain heads only)."""
+        out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1])[batch["rows"]]
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[N, V] logits at the target rows."""
+        if self.plain:
+            return self.head(self.hidden(batch))
+        z = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return z.reshape(-1, z.shape[-1])[batch["rows"]]
+
+
+class OnlineTeacher:
+    """A teacher in memory, for the full-vocabulary reference path (`online_teacher`)."""
+
+    def __init__(self, model, temperature: float):
+        self.head = Head(model)
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, Any], width: int) -> torch.Tensor:
+        """[N, width] float32 logits at the target rows, tempered like the cache, padded with −inf
+        to the student's (possibly larger) vocabulary."""
+        z = self.head.logits(batch).float() / self.temperature
+        if z.shape[-1] < width:
+            z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
+        return z
+
+
+def _load_online_teacher(cfg: TrainConfig, cache: Cache, device) -> OnlineTeacher:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.online_teacher, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer_identity(tokenizer) != cache.manifest["tokenizer"]:
+        raise TrainError(f"online teacher {cfg.online_teacher} has a different tokenizer than the cache {cache.path}")
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.online_teacher, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    ).to(device).eval()
+    return OnlineTeacher(model, float(cache.manifest.get("temperature", 1.0)))
+
+
+def _fused_loss_fn():
+    try:
+        from amid.fused import fused_sparse_loss
+    except ImportError:
+        return None
+    return fused_sparse_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def batch_loss(
+    head: Head, batch: dict[str, Any], loss_cfg: LossConfig, fused, dtype: torch.dtype, teacher: "OnlineTeacher | None" = None
+) -> torch.Tensor:
+    """Per-position loss [N] (float32): (1 − w)·AMiD + w·CE on the ground-truth next token.
+
+    Runs under the caller's autocast; the fused loss takes hidden states and head weights in one
+    explicit `dtype` and manages its own precision, so it runs outside autocast. With an online
+    teacher the AMiD term is the full-vocabulary `full_loss` against its logits."""
+    w = loss_cfg.ce_weight
+    cache_args = (batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"])
+    if fused is None:
+        logits = head.logits(batch)
+        kd = None
+        if w < 1:
+            kd = (sparse_loss(logits, *cache_args, loss_cfg) if teacher is None
+                  else full_loss(logits, teacher.logits(batch, logits.shape[-1]), loss_cfg))
+        ce = F.cross_entropy(logits.float(), batch["targets"], reduction="none") if w > 0 else None
+        return mix_ce(kd, ce, loss_cfg)
+    h = head.hidden(batch).to(dtype)
+    weight = head.head.weight.to(dtype)
+    bias = None if head.head.bias is None else head.head.bias.to(dtype)
+    with torch.autocast(h.device.type, enabled=False):
+        kd = fused(h, weight, bias, *cache_args, loss_cfg) if w < 1 else None
+        ce = None
+        if w > 0:
+            # −log q(target) is KL from a one-hot teacher over 2 bins: no [N, V] logits either.
+            zeros = torch.zeros_like(batch["tail_logmass"])
+            ce = fused(h, weight, bias, batch["targets"][:, None], zeros[:, None], zeros - math.inf, KL)
+    return mix_ce(kd, ce, loss_cfg)
+
+
+@torch.no_grad()
+def evaluate(
+    head: Head, batches: list[dict[str, Any]], loss_cfg: LossConfig, device, autocast, teacher: OnlineTeacher | None = None
+) -> dict[str, float]:
+    """Held-out eval_loss (the training objective), eval_kl (KL(p̄ ‖ q̄), k + 1 bins), eval_ce and
+    eval_ppl (ground-truth next tokens), each a mean over target positions. With an online
+    teacher also eval_kl_full, the full-vocabulary KL(p ‖ q)."""
+    model = head.model
+    was_training = model.training
+    model.eval()
+    sums = {"eval_loss": 0.0, "eval_kl": 0.0, "eval_ce": 0.0}
+    if teacher is not None:
+        sums["eval_kl_full"] = 0.0
+    n = 0
+    for cpu_batch in batches:
+        batch = _to_device(cpu_batch, device)
+        with autocast():
+            logits = head.logits(batch)
+        cache_args = (batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"])
+        ce = F.cross_entropy(logits.float(), batch["targets"], reduction="none")
+        kd = sparse_loss(logits, *cache_args, loss_cfg) if loss_cfg.ce_weight < 1 else None
+        sums["eval_loss"] += mix_ce(kd, ce, loss_cfg).sum().item()
+        sums["eval_kl"] += sparse_loss(logits, *cache_args, KL).sum().item()
+        sums["eval_ce"] += ce.sum().item()
+        if teacher is not None:
+            with autocast():
+                teacher_logits = teacher.logits(batch, logits.shape[-1])
+            sums["eval_kl_full"] += full_loss(logits, teacher_logits, KL).sum().item()
+        n += len(batch["rows"])
+    model.train(was_training)
+    out = {k: v / max(n, 1) for k, v in sums.items()}
+    out["eval_ppl"] = math.exp(min(out["eval_ce"], 700.0))
+    return out
+
+
+def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+
+def _eval_batches(cache: Cache, rows: list[np.ndarray], metas, cfg: TrainConfig, pad_id: int) -> list[dict]:
+    examples, lengths = [], []
+    for s, r in enumerate(rows):
+        if len(r) == 0:
+            continue
+        wanted = set(r.tolist())
+        for i, ex in enumerate(cache.iter_shard(s)):
+            if i in wanted:
+                examples.append(ex)
+                lengths.append(int(metas[s].lengths[i]))
+    order = np.argsort(lengths, kind="stable")
+    groups = cut_batches([examples[i] for i in order], [lengths[i] for i in order], cfg.batch_size, cfg.max_tokens)
+    return [collate(g, pad_id) for g in groups]
+
+
+def _check_eval_cache(cache: Cache, eval_cache: Cache) -> None:
+    """An eval cache may have another k (a full-vocabulary one gives the exact KL), not another
+    tokenizer or a larger vocabulary."""
+    if eval_cache.manifest["tokenizer"] != cache.manifest["tokenizer"]:
+        raise TrainError(f"eval cache {eval_cache.path} has a different tokenizer than {cache.path}")
+    if int(eval_cache.manifest["vocab_size"]) > int(cache.manifest["vocab_size"]):
+        raise TrainError(f"eval cache {eval_cache.path} has a larger vocabulary than {cache.path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def save_model_dir(path: Path, model, tokenizer, state: dict[str, Any] | None = None) -> None:
+    """Write model + tokenizer (+ trainer state) to `path` atomically: a temporary directory,
+    fsync, then rename; a crash leaves the previous `path` or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if state is not None:
+        torch.save(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_checkpoint(path: Path) -> None:
+    """A crash between the two renames of `save_model_dir` leaves only `.NAME.old`: restore it."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _prepare_run_dir(cfg: TrainConfig, log) -> dict[str, Any] | None:
+    """Check the run directory; returns the trainer state to resume from, or None for a fresh run."""
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    _recover_checkpoint(ckpt)
+    has_ckpt = (ckpt / STATE_FILE).exists()
+    if not cfg.resume:
+        if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoint", "final")):
+            raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        return None
+    if not has_ckpt:
+        log(f"{out}: no checkpoint to resume from; starting from step 0")
+        return None
+    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    changed = sorted(
+        k for k, v in TrainConfig.from_dict(saved).to_dict().items()
+        if k not in RESUMABLE_CHANGES and cfg.to_dict()[k] != v
+    )
+    if changed:
+        raise TrainError(
+            f"{out}: the run was started with different {', '.join(changed)}; resume with the same "
+            f"settings (see {out / 'config.json'}) or choose another --out"
+        )
+    return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint (a killed run went further than it saved)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run stage two; returns a summary (also written to RUN_DIR/summary.json).
+
+    Raises TrainError for an incompatible student or run directory (before any step),
+    TrainingDiverged for a NaN/inf loss or gradient (the last checkpoint is kept), CacheError for
+    a missing or damaged cache.
+    """
+    start_time = time.time()
+    out = Path(cfg.out)
+    resume_state = _prepare_run_dir(cfg, log)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoint"
+
+    # --- cache, student, compatibility
+    cache = open_cache(cfg.cache)
+    model_path = str(ckpt_dir) if resume_state is not None else cfg.student
+    model, tokenizer = _load_student(model_path, cfg.trust_remote_code)
+    check_compatible(cfg.student, model, tokenizer, cache)
+    log(f"amid train: config {json.dumps(cfg.to_dict())}")
+    device = _resolve_device(cfg.device)
+    amp_dtype = _resolve_dtype(cfg.dtype, device)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    head = Head(model)
+    teacher = _load_online_teacher(cfg, cache, device) if cfg.online_teacher else None
+    fused = None
+    big_vocab = _vocab_size(model) >= FUSED_MIN_VOCAB
+    if teacher is None and (cfg.fused or (cfg.fused is None and device.type == "cuda" and big_vocab)):
+        fused = _fused_loss_fn() if head.linear else None
+        if fused is None and cfg.fused:
+            log("note: --fused needs a plain linear LM head and amid.fused; using materialised logits")
+
+    def autocast():
+        if amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    # --- data: held-out split, plan, eval batches
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    metas = scan(cache)
+    if cfg.eval_cache:
+        eval_cache = open_cache(cfg.eval_cache)
+        _check_eval_cache(cache, eval_cache)
+        eval_metas = scan(eval_cache)
+        _, eval_rows = split(eval_metas, 1.0, cfg.eval_max_examples)
+        train_rows, _ = split(metas, 0.0, 0)
+    else:
+        eval_cache, eval_metas = cache, metas
+        train_rows, eval_rows = split(metas, cfg.eval_fraction, cfg.eval_max_examples)
+    plan = Plan(metas, train_rows, cfg.seed, cfg.batch_size, cfg.max_tokens, cfg.shuffle_buffer)
+    if plan.examples == 0:
+        raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")
+    eval_batches = _eval_batches(eval_cache, eval_rows, eval_metas, cfg, pad_id)
+    if cfg.max_steps is not None:
+        total_steps, loader_epochs = cfg.max_steps, None
+    else:
+        total_steps, loader_epochs = math.ceil(cfg.epochs * plan.batches_per_epoch / cfg.grad_accum), cfg.epochs
+
+    if resume_state is not None and resume_state["step"] >= total_steps:
+        log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
+        summary_path = out / "summary.json"
+        return json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out)}
+
+    # --- optimizer (decay on matrices only, nanoGPT style)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    step, tokens, position = 0, 0, Position()
+    metrics_path = out / "metrics.jsonl"
+    if resume_state is not None:
+        step, tokens = resume_state["step"], resume_state["tokens"]
+        position = Position(**resume_state["position"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        _truncate_metrics(metrics_path, step)
+        _set_rng_state(resume_state["rng"])
+        log(f"resuming {out} at step {step} (epoch {position.epoch}, window {position.window}, batch {position.batch})")
+    else:
+        metrics_path.unlink(missing_ok=True)
+        _seed_everything(cfg.seed)
+    write_json_atomic(out / "config.json", cfg.to_dict())
+
+    n_params = sum(p.numel() for p in params)
+    log(
+        f"student {cfg.student}: {n_params / 1e6:.2f}M parameters, {device} {str(amp_dtype).replace('torch.', '')}, "
+        f"loss {'online teacher, full vocabulary' if teacher else 'fused' if fused else 'materialised logits'}"
+        f"{'' if head.plain else ' (model logits)'}; "
+        f"{plan.examples} training examples ({plan.batches_per_epoch} batches/epoch), "
+        f"{sum(len(b['rows']) for b in eval_batches)} held-out positions in {len(eval_batches)} batches; "
+        f"{total_steps} steps"
+    )
+
+    metrics_file = open(metrics_path, "a", encoding="utf-8")
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
+    def run_eval() -> dict[str, float] | None:
+        if not eval_batches:
+            return None
+        result = evaluate(head, eval_batches, cfg.loss.at_progress(step / total_steps), device, autocast, teacher)
+        write_metrics({"step": step, **{k: round(v, 6) for k, v in result.items()}})
+        return result
+
+    def state() -> dict[str, Any]:
+        return {
+            "step": step, "tokens": tokens, "position": position.to_dict(), "total_steps": total_steps,
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "rng": _rng_state(), "config": cfg.to_dict(), "amid_version": __version__,
+        }
+
+    last_saved = resume_state["step"] if resume_state is not None else None
+    first_eval = run_eval() if resume_state is None else None
+    last_eval, last_eval_step = first_eval, (0 if first_eval else None)
+    loader = Loader(cache, plan, pad_id, start=position, epochs=loader_epochs, num_workers=cfg.num_workers,
+                    pin_memory=device.type == "cuda")
+    stream = iter(loader)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    model.train()
+    loss_value = float("nan")
+    interval_tokens, interval_start, smooth = 0, time.time(), None
+    try:
+        while step < total_steps:
+            micro = [item for _, item in zip(range(cfg.grad_accum), stream)]
+            if not micro:
+                break
+            lr = learning_rate(cfg, step, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_cfg = cfg.loss.at_progress(step / total_steps)
+            n_targets = sum(len(b["rows"]) for b, _ in micro)
+            loss_sum = torch.zeros((), device=device)
+            for cpu_batch, pos_after in micro:
+                batch = _to_device(cpu_batch, device)
+                with autocast():
+                    per_position = batch_loss(head, batch, loss_cfg, fused, amp_dtype, teacher)
+                part = per_position.sum() / n_targets
+                scaler.scale(part).backward()
+                loss_sum += part.detach()
+                tokens += cpu_batch["tokens"]
+                interval_tokens += cpu_batch["tokens"]
+                position = pos_after
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(_diverged_message("loss", loss_value, step + 1, last_saved, ckpt_dir))
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf")).item()
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                raise TrainingDiverged(_diverged_message("gradient norm", grad_norm, step + 1, last_saved, ckpt_dir))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
+            if step % cfg.log_every == 0 or step == total_steps:
+                elapsed = max(time.time() - interval_start, 1e-9)
+                record = {"step": step, "epoch": round(position.epoch + _epoch_fraction(plan, position), 4),
+                          "loss": loss_value, "lr": lr, "grad_norm": round(grad_norm, 6),
+                          "tokens": tokens, "tokens_per_s": round(interval_tokens / elapsed, 1)}
+                if cfg.loss.lam_end is not None:
+                    record["lam"] = loss_cfg.lam
+                write_metrics(record)
+                bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{interval_tokens / elapsed:,.0f}", refresh=False)
+                interval_tokens, interval_start = 0, time.time()
+            bar.update(1)
+            if step % cfg.eval_every == 0 and step < total_steps:
+                last_eval, last_eval_step = run_eval(), step
+            if step % cfg.save_every == 0 and step < total_steps:
+                save_model_dir(ckpt_dir, model, tokenizer, state())
+                last_saved = step
+        if last_eval_step != step:
+            last_eval = run_eval()
+    finally:
+        bar.close()
+        loader.close()
+        metrics_file.close()
+
+    if last_saved != step:
+        save_model_dir(ckpt_dir, model, tokenizer, state())
+    save_model_dir(out / "final", model, tokenizer)
+    summary = {
+        "run_dir": str(out), "final": str(out / "final"), "steps": step, "total_steps": total_steps,
+        "train_tokens": tokens, "train_loss": loss_value, **(last_eval or {}),
+        "initial_eval": first_eval, "eval": last_eval, "wall_s": round(time.time() - start_time, 3),
+    }
+    write_json_atomic(out / "summary.json", summary)
+    if last_eval:
+        log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}, eval_ppl {last_eval['eval_ppl']:.3f}; "
+            f"model in {out / 'final'}")
+    return summary
+
+
+def _epoch_fraction(plan: Plan, pos: Position) -> float:
+    windows = plan.epoch(pos.epoch)
+    done = sum(len(b) for _, b in windows[: pos.window]) + pos.batch
+    return done / max(1, plan.batches_per_epoch)
+
+
+def _diverged_message(what: str, value: float, step: int, last_saved: int | None, ckpt_dir: Path) -> str:
+    kept = (f"the last good checkpoint is {ckpt_dir} (step {last_saved})" if last_saved is not None
+            else "no checkpoint had been saved yet")
+    return (f"{what} is {value} at step {step}; stopped before updating the weights, {kept}. "
+            f"Lower --lr, use --dtype bf16/fp32 or --clip, then --resume")

@@ -1,0 +1,435 @@
+"""The trainer (issue 4): a tiny teacher → cache → student, end to end on CPU.
+
+Everything here builds its own tokenizer and models, so it needs no files outside the repository;
+one slow test also distills the real stories260K model from ../shared when that is present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from amid.cache import open_cache
+from amid.loader import Loader, Plan, Position, scan, split
+from amid.losses import PRESETS
+from amid.teacher import CacheConfig, cache_teacher
+from amid.train import TrainConfig, TrainError, TrainingDiverged, train
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WORDS = (
+    "the a cat dog bird fish sun moon tree house red blue green small big happy sad runs jumps sings "
+    "sleeps eats sees likes finds near under over with and but then today night morning"
+).split()
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: tokenizer, teacher, teacher-sampled data, cache, students
+
+
+def make_tokenizer(directory: Path, words=WORDS):
+    """A real word-level tokenizer (tokenizers library), saved like any hub tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(directory)
+    return fast
+
+
+def make_llama(directory: Path, vocab: int, seed: int, hidden=32, layers=2, head_scale=1.0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    model.save_pretrained(directory)
+    return model
+
+
+def make_gpt2(directory: Path, vocab: int, seed: int, dropout=0.0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=2, eos_token_id=3)
+    model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A peaked random teacher, 96 texts sampled from it, their k=8 cache and a Llama student."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = make_tokenizer(root / "teacher")
+    vocab = len(tokenizer)
+    teacher = make_llama(root / "teacher", vocab, seed=1, head_scale=12.0)
+    make_tokenizer(root / "student")
+    make_llama(root / "student", vocab, seed=2)
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        sampled = teacher.generate(torch.full((96, 1), 2), do_sample=True, max_new_tokens=30, min_new_tokens=30,
+                                   suppress_tokens=[0, 1, 2, 3], pad_token_id=1)
+    lengths = torch.randint(8, 31, (96,), generator=torch.Generator().manual_seed(0))
+    records = [{"text": tokenizer.decode(row[1: 1 + n])} for row, n in zip(sampled, lengths.tolist())]
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cache_teacher(CacheConfig(teacher=str(root / "teacher"), data=str(data), out=str(root / "cache"), top_k=8,
+                              max_length=64, examples_per_shard=16, device="cpu"), progress=False, log=lambda m: None)
+    return {"root": root, "cache": str(root / "cache"), "student": str(root / "student"),
+            "teacher": str(root / "teacher"), "vocab": vocab}
+
+
+def config(world, out, **kw) -> TrainConfig:
+    base = dict(cache=world["cache"], student=world["student"], out=str(out), lr=5e-3, max_steps=12,
+                batch_size=8, warmup_steps=0, eval_fraction=0.2, eval_every=1000, log_every=1, save_every=1000,
+                device="cpu", dtype="fp32", progress=False, num_workers=2, shuffle_buffer=32)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+# ----------------------------------------------------------------------------------------------
+# Training lowers the held-out KL to the teacher
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_lowers_heldout_kl(world, tmp_path, preset):
+    summary = train(config(world, tmp_path / "run", preset=preset), log=quiet)
+    before, after = summary["initial_eval"]["eval_kl"], summary["eval"]["eval_kl"]
+    assert math.isfinite(after) and after < 0.9 * before, (preset, before, after)
+
+
+@pytest.mark.parametrize("alpha", [-3.0, 0.0, 0.5, 1.0, 3.0])
+def test_every_alpha_lowers_heldout_kl(world, tmp_path, alpha):
+    summary = train(config(world, tmp_path / "run", preset="amid", alpha=alpha), log=quiet)
+    before, after = summary["initial_eval"]["eval_kl"], summary["eval"]["eval_kl"]
+    assert math.isfinite(after) and after < 0.9 * before, (alpha, before, after)
+
+
+def test_outputs_and_metrics(world, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(world, out, max_steps=6, eval_every=3, log_every=2, preset="taid",
+                 schedule="linear", warmup_steps=2)
+    train(cfg, log=quiet)
+    saved = json.loads((out / "config.json").read_text())
+    assert TrainConfig.from_dict(saved) == cfg
+    lines = metrics(out)
+    evals = [m for m in lines if "eval_kl" in m]
+    assert [m["step"] for m in evals] == [0, 3, 6]
+    assert all({"eval_loss", "eval_kl", "eval_ce", "eval_ppl"} <= set(m) for m in evals)
+    assert all(math.isclose(m["eval_ppl"], math.exp(m["eval_ce"]), rel_tol=1e-5) for m in evals)
+    logs = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in logs] == [2, 4, 6]
+    assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in logs)
+    lams = [m["lam"] for m in logs]  # TAID's λ rises over training
+    assert lams == sorted(lams) and lams[0] > 0.4
+    assert (out / "checkpoint" / "trainer_state.pt").exists()
+    assert list((out / "final").glob("*.safetensors"))
+
+
+def test_online_full_vocabulary_path_matches_a_full_cache(world, tmp_path):
+    # With k = V the cache holds the teacher's whole distribution: the cache path and the online
+    # path (teacher logits every step, full_loss) must train the same student the same way, up to
+    # the cache's float16 storage of log-probabilities.
+    full_cache = tmp_path / "cache_full"
+    cache_teacher(CacheConfig(teacher=world["teacher"], data=str(world["root"] / "data.jsonl"), out=str(full_cache),
+                              top_k=world["vocab"], max_length=64, examples_per_shard=16, device="cpu"),
+                  progress=False, log=quiet)
+    kw = dict(cache=str(full_cache), max_steps=6, alpha=0.0, ce_weight=0.1)
+    cached = train(config(world, tmp_path / "cached", **kw), log=quiet)
+    online = train(config(world, tmp_path / "online", online_teacher=world["teacher"], **kw), log=quiet)
+    a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=5e-4), step
+    assert online["eval_kl_full"] == pytest.approx(online["eval_kl"], abs=5e-4)
+    assert online["eval_kl_full"] < online["initial_eval"]["eval_kl_full"]
+    assert cached["eval_kl"] == pytest.approx(online["eval_kl"], abs=5e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: plain transformers, resume, NaN
+
+
+def test_final_model_loads_in_plain_transformers_and_generates(world, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=3), log=quiet)
+    for d in (out / "final", out / "checkpoint"):
+        model = AutoModelForCausalLM.from_pretrained(d)
+        tok = AutoTokenizer.from_pretrained(d)
+        ids = tok("the cat", return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert gen.shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypatch):
+    # A GPT-2 student with dropout (RNG state matters), a padded vocabulary, gradient
+    # accumulation, several windows per epoch and an epoch boundary inside the run.
+    student = tmp_path / "gpt2"
+    make_tokenizer(student)
+    make_gpt2(student, world["vocab"] + 5, seed=3, dropout=0.1)
+    kw = dict(student=str(student), max_steps=8, grad_accum=2, batch_size=6, save_every=3, eval_every=4,
+              shuffle_buffer=20, preset="amid", alpha=0.0, ce_weight=0.2)
+    whole = train(config(world, tmp_path / "whole", **kw), log=quiet)
+
+    import amid.train as amid_train
+
+    real = amid_train.learning_rate
+
+    def crash_at_step_5(cfg, step, total):
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill")
+        return real(cfg, step, total)
+
+    monkeypatch.setattr(amid_train, "learning_rate", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(world, tmp_path / "resumed", **kw), log=quiet)
+    monkeypatch.setattr(amid_train, "learning_rate", real)
+    assert max(_losses(tmp_path / "resumed")) == 5  # went past its last checkpoint (step 3)
+    with pytest.raises(TrainError, match="--resume"):
+        train(config(world, tmp_path / "resumed", **kw), log=quiet)
+    resumed = train(config(world, tmp_path / "resumed", resume=True, **kw), log=quiet)
+
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+    assert resumed["eval"]["eval_kl"] == pytest.approx(whole["eval"]["eval_kl"], abs=1e-6)
+    evals = [m["step"] for m in metrics(tmp_path / "resumed") if "eval_kl" in m]
+    assert evals == [0, 4, 8]
+    with pytest.raises(TrainError, match="different lr"):
+        train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3}), log=quiet)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(world, tmp_path):
+    # A real `amid train` process killed with SIGKILL at an arbitrary point (possibly inside a
+    # checkpoint write), then `--resume`d: every step's loss equals an uninterrupted run's.
+    import dataclasses
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "amid.cli", "train", "--cache", world["cache"], "--student", world["student"],
+            "--out", str(out), "--max-steps", "60", "--lr", "5e-3", "--warmup", "0", "--eval-fraction", "0.2",
+            "--log-every", "1", "--save-every", "4", "--eval-every", "1000", "--device", "cpu", "--dtype", "fp32",
+            "--quiet"]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        steps = [m["step"] for m in metrics(out) if "loss" in m] if (out / "metrics.jsonl").exists() else []
+        if steps and steps[-1] >= 20:
+            proc.kill()
+            killed_at = steps[-1]
+            break
+        time.sleep(0.01)
+    proc.wait()
+    if killed_at is None:
+        pytest.skip("the run finished (or stalled) before it could be killed")
+    cfg = TrainConfig.from_dict(json.loads((out / "config.json").read_text()))
+    train(dataclasses.replace(cfg, resume=True), log=quiet)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "whole")), log=quiet)
+    a, b = _losses(out), _losses(tmp_path / "whole")
+    assert sorted(a) == sorted(b) == list(range(1, 61))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
+    import amid.train as amid_train
+
+    real = amid_train.sparse_loss
+    calls = {"train": 0}
+
+    def nan_on_fifth_training_batch(logits, *args):
+        out = real(logits, *args)
+        if torch.is_grad_enabled():
+            calls["train"] += 1
+            if calls["train"] == 5:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(amid_train, "sparse_loss", nan_on_fifth_training_batch)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 5.*checkpoint.*\(step 4\)"):
+        train(config(world, out, max_steps=10, save_every=2), log=quiet)
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Compatibility
+
+
+def test_tokenizer_mismatch_is_refused(world, tmp_path):
+    other = tmp_path / "other"
+    tok = make_tokenizer(other, words=list(reversed(WORDS)))
+    make_llama(other, len(tok), seed=4)
+    with pytest.raises(TrainError, match=r"different tokenizer.*teacher"):
+        train(config(world, tmp_path / "run", student=str(other)), log=quiet)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_smaller_student_vocabulary_is_refused(world, tmp_path):
+    small = tmp_path / "small"
+    make_tokenizer(small)
+    make_gpt2(small, world["vocab"] - 1, seed=5)
+    with pytest.raises(TrainError, match="fewer than the teacher"):
+        train(config(world, tmp_path / "run", student=str(small)), log=quiet)
+
+
+def test_damaged_shard_is_named(world, tmp_path):
+    import shutil
+
+    from amid.cache import CacheError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    shard = sorted(cache.rglob("shard-*.parquet"))[2]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the top-k data: readable, checksum wrong
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=shard.name):
+        train(config(world, tmp_path / "run", cache=str(cache), max_steps=30), log=quiet)
+
+
+def test_cli_train_and_one_line_errors(world, tmp_path):
+    from click.testing import CliRunner
+
+    from amid.cli import main
+
+    runner = CliRunner()
+    assert "--alpha" in runner.invoke(main, ["train", "--help"]).output
+    out = tmp_path / "run"
+    args = ["train", "--cache", world["cache"], "--student", world["student"], "--out", str(out),
+            "--max-steps", "2", "--device", "cpu", "--dtype", "fp32", "--lr", "1e-3", "--quiet"]
+    result = runner.invoke(main, args + ["--preset", "skl", "--alpha", "0.5", "--lam", "0.3"])
+    assert result.exit_code == 0, result.output
+    loss = TrainConfig.from_dict(json.loads((out / "config.json").read_text())).loss
+    assert (loss.name, loss.alpha, loss.lam, loss.order) == ("skl", 0.5, 0.3, "pr")
+    for bad, message in [
+        (["--out", str(out)], "--resume"),  # run directory in use
+        (["--cache", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")], "not an amid cache"),
+        (["--out", str(tmp_path / "r3"), "--divergence", "nope"], "unknown divergence"),
+        (["--out", str(tmp_path / "r4"), "--lam", "2"], "lam must be in [0, 1]"),
+    ]:
+        result = runner.invoke(main, args + bad)
+        assert result.exit_code != 0
+        assert "Traceback" not in result.output
+        assert result.output.startswith("Error: ") and message in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader
+
+
+def test_plan_covers_each_training_example_once_per_epoch(world):
+    cache = open_cache(world["cache"])
+    metas = scan(cache)
+    train_rows, eval_rows = split(metas, 0.2, 1000)
+    for t, e in zip(train_rows, eval_rows):
+        assert not set(t.tolist()) & set(e.tolist())
+    n_train = sum(len(r) for r in train_rows)
+    assert n_train + sum(len(r) for r in eval_rows) == len(cache) and 0 < n_train < len(cache)
+    plan = Plan(metas, train_rows, seed=7, batch_size=5, max_tokens=None, shuffle_buffer=20)
+    for epoch in (0, 1):
+        served = [item for _, batches in plan.epoch(epoch) for b in batches for item in b]
+        assert len(served) == len(set(served)) == n_train
+    assert plan.epoch(0) != plan.epoch(1)
+    assert Plan(metas, train_rows, 7, 5, None, 20).epoch(0) == plan.epoch(0)
+    by_tokens = Plan(metas, train_rows, seed=7, batch_size=1, max_tokens=120, shuffle_buffer=20)
+    for _, batches in by_tokens.epoch(0):
+        for b in batches:
+            longest = max(metas[s].lengths[r] for s, r in b)
+            assert len(b) == 1 or longest * len(b) <= 120
+
+
+def test_loader_resumes_mid_stream(world):
+    cache = open_cache(world["cache"])
+    metas = scan(cache)
+    train_rows, _ = split(metas, 0.2, 1000)
+    plan = Plan(metas, train_rows, seed=3, batch_size=4, max_tokens=None, shuffle_buffer=20)
+    with Loader(cache, plan, pad_id=1, epochs=2) as loader:
+        full = list(loader)
+    assert len(full) == 2 * plan.batches_per_epoch
+    cut = 7
+    with Loader(cache, plan, pad_id=1, start=full[cut - 1][1], epochs=2) as loader:
+        rest = list(loader)
+    assert len(rest) == len(full) - cut
+    for (a, pa), (b, pb) in zip(full[cut:], rest):
+        assert pa == pb and torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["topk_ids"], b["topk_ids"])
+    last = full[-1][1]
+    assert last == Position(2, 0, 0)
+    batch = full[0][0]
+    # Every target row predicts the next token of its sequence, never a pad.
+    assert torch.all(batch["attention_mask"].view(-1)[batch["rows"] + 1] == 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real pretrained teacher (../shared/models/stories260K), when present
+
+
+@pytest.mark.slow
+def test_distills_real_stories260k_teacher(tmp_path):
+    teacher = SHARED / "models" / "stories260K"
+    text = SHARED / "data" / "text" / "tinystories_sample.txt"
+    if not teacher.exists() or not text.exists():
+        pytest.skip(f"{SHARED} (stories260K and TinyStories sample) not present")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tok.save_pretrained(tmp_path / "student")
+    make_llama(tmp_path / "student", len(tok), seed=0, hidden=32)
+    stories = [s.strip() for s in text.read_text().split("<|endoftext|>") if s.strip()]
+    lines = [line for s in stories for line in s.splitlines() if len(line.split()) > 4]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+    cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "cache"), top_k=32, limit=80,
+                              max_length=64, overflow="truncate", device="cpu"), progress=False, log=quiet)
+    cfg = TrainConfig(cache=str(tmp_path / "cache"), student=str(tmp_path / "student"), out=str(tmp_path / "run"),
+                      lr=3e-3, max_steps=25, batch_size=8, warmup_steps=0,
+                      eval_fraction=0.15, device="cpu", dtype="fp32", progress=False)
+    summary = train(cfg, log=quiet)
+    assert summary["eval"]["eval_kl"] < 0.8 * summary["initial_eval"]["eval_kl"]
+    assert summary["eval"]["eval_ppl"] < summary["initial_eval"]["eval_ppl"]
