@@ -82,7 +82,8 @@ def run_one(run_dir: Path) -> dict[str, Any]:
 
     spec = json.loads((run_dir / "sweep_run.json").read_text())
     t0 = time.time()
-    summary = train(TrainConfig(**spec["train"]))
+    # resume=True: a run killed mid-way continues from its checkpoint; a fresh one starts at step 0.
+    summary = train(TrainConfig(**{**spec["train"], "resume": True}))
     result = {"status": "ok", **{k: summary.get(k) for k in ("eval_kl", "eval_ppl", "train_tokens")}}
     if spec.get("eval_data"):
         from amid.evaluate import EvalConfig, evaluate
@@ -155,17 +156,19 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
 
 
 def _report(cfg: SweepConfig, runs: list[dict[str, Any]], log) -> str:
-    from amid.losses import LossConfig
+    from amid.losses import PRESETS, LossConfig
 
+    defaults = {f.name: f.default for f in dataclasses.fields(LossConfig)}
     out = Path(cfg.out)
     rows = []
     for run in runs:
         d = _run_dir(cfg, run["name"])
         res = json.loads((d / "result.json").read_text()) if (d / "result.json").exists() else {"status": "missing"}
-        loss = LossConfig.preset(run["preset"], **run["loss"])
+        # Plain lookups, not LossConfig(...): a run with invalid settings must still get its row.
+        loss = {**defaults, **PRESETS.get(run["preset"], {}), **run["loss"]}
         rows.append({"run": run["name"], "preset": run["preset"],
-                     "alpha": loss.alpha if run["preset"] not in ALPHA_FREE else "",
-                     "lam": loss.lam, "divergence": loss.divergence, "order": loss.order, **res})
+                     "alpha": loss["alpha"] if run["preset"] not in ALPHA_FREE else "",
+                     "lam": loss["lam"], "divergence": loss["divergence"], "order": loss["order"], **res})
     with open(out / "results.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=RESULT_FIELDS, extrasaction="ignore")
         w.writeheader()
