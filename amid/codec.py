@@ -35,7 +35,8 @@ def round_logprobs(x: np.ndarray, mantissa_bits: int = LOGPROB_MANTISSA_BITS) ->
     bias = np.uint32((1 << (drop - 1)) - 1) + ((u >> np.uint32(drop)) & np.uint32(1))
     rounded = ((u + bias) >> np.uint32(drop)) << np.uint32(drop)
     u = np.where(finite, rounded, u)
-    return u.view(np.float32).astype(np.float16)
+    with np.errstate(over="ignore"):  # |x| > 65504 becomes ±inf: exp(-65504) is 0 in float32 anyway
+        return u.view(np.float32).astype(np.float16)
 
 
 def encode_topk(topk_ids: np.ndarray, topk_logprobs: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

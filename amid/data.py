@@ -32,6 +32,12 @@ DOLLY_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n{context_block}### Response:\n"
 )
+# With a context the reference template (MiniLLM's Dolly processing) has a different first sentence.
+DOLLY_TEMPLATE_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+    "{context_block}### Response:\n"
+)
 
 _BUILDERS = {
     ".jsonl": "json",
@@ -119,8 +125,11 @@ def _load_local(path: Path, split: str) -> list[dict[str, Any]]:
         )
     builder = builders.pop()
     if builder == "json":
-        for f in files:
-            _check_json_file(f)
+        n_records = sum(_check_json_file(f) for f in files)
+    else:
+        n_records = sum(f.stat().st_size for f in files)  # nonzero unless every file is empty
+    if not n_records:  # `datasets` fails on empty files with an unhelpful error (StopIteration)
+        raise DataError(f"{path}: no records (empty file); nothing to do")
     import datasets
 
     datasets.disable_progress_bars()
@@ -144,8 +153,8 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def _check_json_file(path: Path) -> None:
-    """Validate JSONL line by line (or a JSON array) so errors name the line."""
+def _check_json_file(path: Path) -> int:
+    """Validate JSONL line by line (or a JSON array) so errors name the line; returns the record count."""
     with open(path, encoding="utf-8") as fh:
         head = fh.read(1)
         while head and head.isspace():
@@ -157,7 +166,8 @@ def _check_json_file(path: Path) -> None:
             raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
         if not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: a JSON file must hold an array of objects")
-        return
+        return len(data)
+    count = 0
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -168,6 +178,8 @@ def _check_json_file(path: Path) -> None:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            count += 1
+    return count
 
 
 def _first_line(exc: BaseException) -> str:
@@ -217,7 +229,8 @@ def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source:
 def dolly_prompt(record: dict[str, Any]) -> str:
     context = (record.get("context") or record.get("input") or "").strip()
     block = f"### Input:\n{context}\n\n" if context else ""
-    return DOLLY_TEMPLATE.format(instruction=str(record["instruction"]).strip(), context_block=block)
+    template = DOLLY_TEMPLATE_WITH_INPUT if context else DOLLY_TEMPLATE
+    return template.format(instruction=str(record["instruction"]).strip(), context_block=block)
 
 
 def _split(record: dict[str, Any], template: str, cfg: TemplateConfig) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from amid.data import TemplateConfig, build_examples, dolly_prompt, load_records
+from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, load_records
 
 __all__ = ["rouge_l", "rouge_tokens", "perplexity", "generate_rouge", "EvalConfig", "evaluate"]
 
@@ -85,6 +85,10 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
     records = load_records(source, limit=limit)
     if response_field not in records[0] and "output" in records[0]:
         response_field = "output"
+    fields = set(records[0])
+    if response_field not in fields or (prompt_field not in fields and "instruction" not in fields):
+        raise DataError(f"{source}: ROUGE-L needs '{prompt_field}' (or Dolly's 'instruction') and "
+                        f"'{response_field}' fields, the data has {sorted(fields)}")
     prompts = [str(r[prompt_field]) if r.get(prompt_field) else dolly_prompt(r) for r in records]
     refs = [str(r[response_field]) for r in records]
     model.eval()
@@ -124,6 +128,7 @@ class EvalConfig:
     max_length: int = 1024
     limit: int | None = None
     rouge: bool = False
+    rouge_limit: int | None = None  # prompts scored by ROUGE-L (default: the same as limit)
     seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
     max_new_tokens: int = 256
     device: str = "auto"
@@ -151,7 +156,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.rouge:
         save = Path(cfg.out) / "generations.jsonl" if cfg.out else None
         result.update(generate_rouge(model, tokenizer, cfg.data, cfg.prompt_field, cfg.response_field,
-                                     limit=cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
+                                     limit=cfg.rouge_limit or cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
                                      device=device, save_to=save))
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)

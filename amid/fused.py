@@ -115,6 +115,8 @@ def _run_compiled(fn, key, *args):
             torch._dynamo.maybe_mark_dynamic(a, 0)
     try:
         return _keyed_compile(fn, key)(*args)
+    except torch.OutOfMemoryError:
+        raise  # the caller's problem, not the compiler's: do not switch the kernels off
     except Exception as err:  # a missing compiler or an Inductor bug must not stop training
         _compile_state["failed"] = True
         warnings.warn(f"amid: torch.compile of the loss kernels failed ({err!r}); using eager code")

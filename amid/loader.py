@@ -130,11 +130,14 @@ class Plan:
 
     def epoch(self, epoch: int) -> list[tuple[list[int], list[Batch]]]:
         """The windows of an epoch: (shards to read, batches), in serving order."""
-        if epoch not in self._cache:
+        # Called from the producer thread and the main thread: read the dict once, swap it whole.
+        cache = self._cache
+        plan = cache.get(epoch)
+        if plan is None:
+            plan = self._make_epoch(epoch)
             # Keep two epochs (the producer looks one ahead at an epoch's end): plans can be large.
-            self._cache = {e: p for e, p in self._cache.items() if e == epoch - 1}
-            self._cache[epoch] = self._make_epoch(epoch)
-        return self._cache[epoch]
+            self._cache = {**{e: p for e, p in cache.items() if e == epoch - 1}, epoch: plan}
+        return plan
 
     def _make_epoch(self, epoch: int) -> list[tuple[list[int], list[Batch]]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.metas))

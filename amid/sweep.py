@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from amid.cache import write_json_atomic
+
 __all__ = ["SweepConfig", "expand_grid", "run_sweep"]
 
 # Presets whose objective does not depend on α (they fix their own mixture or have none).
@@ -89,12 +91,12 @@ def run_one(run_dir: Path) -> dict[str, Any]:
         from amid.evaluate import EvalConfig, evaluate
 
         ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0,
-                                 limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,
+                                 rouge_limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,
                                  device=spec["train"].get("device", "auto")))
         result["test_ppl"] = ev["ppl"]
         result["rougeL"] = ev.get("rougeL")
     result["wall_s"] = round(time.time() - t0, 1)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(run_dir / "result.json", result)
     return result
 
 
@@ -109,11 +111,18 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
     pending = []
     for run in runs:
         d = _run_dir(cfg, run["name"])
+        spec = _spec(cfg, run)
+        old_spec = json.loads((d / "sweep_run.json").read_text()) if (d / "sweep_run.json").exists() else None
+        if old_spec is not None and old_spec != json.loads(json.dumps(spec)):
+            # Never mix results of different settings under one name: leave the old run alone.
+            log(f"  {run['name']}: {d} holds a run with other settings; delete it or use another --out")
+            write_json_atomic(d / "result.json", {"status": "failed", "error": "run directory holds other settings"})
+            continue
         result = d / "result.json"
         if result.exists() and json.loads(result.read_text()).get("status") == "ok":
             continue
         d.mkdir(parents=True, exist_ok=True)
-        (d / "sweep_run.json").write_text(json.dumps(_spec(cfg, run), indent=2) + "\n")
+        write_json_atomic(d / "sweep_run.json", spec)
         pending.append(run)
     log(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished, {len(pending)} to run")
     _execute(cfg, pending, log)
@@ -133,9 +142,9 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
             env = dict(os.environ)
             if device and device.startswith("cuda:"):
                 env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-            log_file = open(d / "log.txt", "w")
-            proc = subprocess.Popen([sys.executable, "-m", "amid.sweep", "--run", str(d)], stdout=log_file,
-                                    stderr=subprocess.STDOUT, env=env)
+            with open(d / "log.txt", "w") as log_file:  # the child keeps its own descriptor
+                proc = subprocess.Popen([sys.executable, "-m", "amid.sweep", "--run", str(d)], stdout=log_file,
+                                        stderr=subprocess.STDOUT, env=env)
             active.append((proc, run, device, time.time()))
         time.sleep(0.2)
         for item in list(active):
@@ -147,12 +156,12 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
             d = _run_dir(cfg, run["name"])
             if proc.returncode != 0 or not (d / "result.json").exists():
                 tail = (d / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                (d / "result.json").write_text(json.dumps({"status": "failed", "error": tail[0][:300]}) + "\n")
+                write_json_atomic(d / "result.json", {"status": "failed", "error": tail[0][:300]})
                 log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:120]}); see {d / 'log.txt'}")
             else:
                 r = json.loads((d / "result.json").read_text())
-                log(f"  [{done}/{len(pending)}] {run['name']}: eval_kl {r.get('eval_kl'):.4f}  "
-                    f"eval_ppl {r.get('eval_ppl'):.2f}  ({time.time() - started:.0f} s)")
+                log(f"  [{done}/{len(pending)}] {run['name']}: eval_kl {_num(r.get('eval_kl'), '.4f')}  "
+                    f"eval_ppl {_num(r.get('eval_ppl'), '.2f')}  ({time.time() - started:.0f} s)")
 
 
 def _report(cfg: SweepConfig, runs: list[dict[str, Any]], log) -> str:

@@ -25,7 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from amid import __version__
-from amid.cache import MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, make_header
+from amid.cache import (
+    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, make_header, progress_name,
+)
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk"]
@@ -175,6 +177,8 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         "fields": {"prompt": cfg.prompt_field, "response": cfg.response_field, "text": cfg.text_field},
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
         "examples_per_shard": cfg.examples_per_shard,
+        # The content, not just the file name: resuming over edited data must be refused.
+        "examples_sha256": _examples_digest(examples),
     }
     header = make_header(
         teacher=model_identity(cfg.teacher, model), tokenizer=tokenizer_identity(tokenizer),
@@ -196,6 +200,11 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("shards/.shard-*.tmp-*"):  # left by a killed writer; never visible as a shard
+        # Only this rank's tasks: another rank may be writing one of its shards right now.
+        task = stale.name[len(".shard-"):].split(".", 1)[0]
+        if not task.isdigit() or int(task) % world == rank:
+            stale.unlink(missing_ok=True)
+    for stale in out.glob(f".{progress_name(rank)}.tmp-*"):  # this rank's progress file, killed mid-write
         stale.unlink(missing_ok=True)
 
     state = Progress(out, rank, header)
@@ -232,6 +241,16 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         f"mean tail mass {c['mean_tail_mass']:.4f}, wall {time.time() - start:.1f} s"
     )
     return manifest
+
+
+def _examples_digest(examples: list[Example]) -> str:
+    """sha256 of every example's id, tokens and target positions, in order."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(np.array([e.example_id, len(e.input_ids), len(e.positions)], np.int64).tobytes())
+        h.update(np.asarray(e.input_ids, np.int64).tobytes())
+        h.update(np.asarray(e.positions, np.int64).tobytes())
+    return h.hexdigest()
 
 
 @torch.no_grad()

@@ -510,8 +510,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint (a killed run went further than it saved)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line half-written when the run was killed
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,6 +587,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
     if resume_state is not None and resume_state["step"] >= total_steps:
         log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
+        if not (out / "final" / "config.json").exists():  # killed between the last checkpoint and final/
+            save_model_dir(out / "final", model, tokenizer)
         summary_path = out / "summary.json"
         return json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out)}
 

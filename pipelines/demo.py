@@ -5,7 +5,7 @@
 1. Data: instruction pairs built from the Python documentation every CPython install carries
    (`pydoc_data.topics`): prompt "Explain the Python topic: …", response one paragraph of it.
 2. Tokenizer: a 1,024-token byte-level BPE trained on that text with `tokenizers`.
-3. Teacher: a small Llama (~1.3M parameters) trained from scratch on the pairs.
+3. Teacher: a small Llama (~0.9M parameters) trained from scratch on the pairs.
 4. Stage one: `cache_teacher` writes its top-k cache (k = 32).
 5. Stage two: a sweep of a ~0.2M-parameter student over plain CE, kd, skl, taid and AMiD at
    several α — every run reads the same cache — then held-out KL/perplexity table and plot.
@@ -112,12 +112,12 @@ def train_teacher(records: list[dict], tokenizer, out: Path, steps: int, seed: i
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="demo_out", help="working directory (default: demo_out)")
+    ap.add_argument("--out", default=None, help="working directory (default: demo_out, demo_out_quick with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(args.out)
+    out = Path(args.out or ("demo_out_quick" if args.quick else "demo_out"))
     t_start = time.time()
     teacher_steps, student_steps = (30, 20) if args.quick else (400, 150)
 

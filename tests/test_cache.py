@@ -1,0 +1,541 @@
+"""Stage one end to end: `cache_teacher` / `amid cache-teacher` against tiny real architectures.
+
+What is shown here (issue 3, "What must be shown"):
+- the cached top-k ids, log-probs and tail mass equal the teacher's full distribution recomputed
+  independently (plain forward of each example alone, float64 log-softmax), for GPT-2, Llama and
+  Qwen2 (padded output vocabulary), on instruction data and on plain text;
+- a run killed with SIGKILL at random points and resumed ends with the same cache as an
+  uninterrupted run (slow; a fast in-process crash simulation runs always);
+- damaged shards are refused, naming the file; refusals leave no output behind;
+- the shards load with pyarrow.dataset and datasets, without amid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from amid.cache import CacheError, ShardWriter, open_cache
+from amid.cli import main as cli
+from amid.codec import round_logprobs
+from amid.teacher import CacheConfig, cache_teacher
+from helpers import instruction_records, save_teacher, text_records, write_jsonl
+
+K = 64
+LP_REL = 2.0**-9  # 8 significant mantissa bits, round to nearest: half an ulp, relative
+TIE_TOL = 1e-4  # log-prob difference under which two tokens are a tie (float32 forward noise ≈ 1e-6)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _quiet(*_a, **_k):
+    pass
+
+
+def run_cache(**kw) -> dict:
+    return cache_teacher(CacheConfig(**kw), progress=False, log=_quiet)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Tiny teachers saved to disk: GPT-2 and Llama (BOS-prepending tokenizer) with vocab = tokenizer,
+    Qwen2 with a padded output vocabulary (320 logits for a 300-token tokenizer)."""
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "gpt2": save_teacher(root / "gpt2", "gpt2", tokenizer_vocab=300),
+        "llama": save_teacher(root / "llama", "llama", tokenizer_vocab=300),
+        "qwen2": save_teacher(root / "qwen2", "qwen2", tokenizer_vocab=300, model_vocab=320),
+    }
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "instruction": write_jsonl(root / "inst.jsonl", instruction_records(14, seed=1)),
+        "text": write_jsonl(root / "text.jsonl", text_records(12, seed=2)),
+    }
+
+
+@pytest.fixture(scope="module")
+def gpt2_cache(teachers, data_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "cache"
+    run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), out=str(out),
+              examples_per_shard=4, batch_size=3)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent reference
+
+
+def expected_example(tokenizer, record: dict, kind: str) -> tuple[list[int], list[int]]:
+    """input_ids and target positions written out from the definitions, not via amid.data."""
+    bos = [tokenizer.bos_token_id] if tokenizer("a")["input_ids"][0] == tokenizer.bos_token_id else []
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    if kind == "text":
+        ids = bos + enc(record["text"]) + [tokenizer.eos_token_id]
+        first = len(bos)
+    else:
+        prompt = enc(record["prompt"])
+        ids = bos + prompt + enc(record["response"]) + [tokenizer.eos_token_id]
+        first = len(bos) + len(prompt)  # first response token
+    # logits row t predicts input_ids[t + 1]: rows first-1 .. T-2 (row 0 at least)
+    return ids, list(range(max(first - 1, 0), len(ids) - 1))
+
+
+def assert_matches_reference(ex: dict, ref: torch.Tensor, k: int) -> None:
+    """ex: a cached example's rows; ref: [P, V] float64 log-softmax of the teacher's logits."""
+    ids = ex["topk_ids"]
+    lps = ex["topk_logprobs"].double()
+    tail = ex["tail_logmass"].double()
+    assert ids.shape == lps.shape == (ref.shape[0], k) and tail.shape == (ref.shape[0],)
+    assert bool((ids[:, 1:] > ids[:, :-1]).all()), "ids are stored sorted ascending and distinct"
+    ref_at = ref.gather(1, ids)
+    kth = ref.topk(k, dim=-1).values[:, -1:]
+    # Ids exact up to ties: every cached id is in the top k (up to a tie at the k-th value) and
+    # every id clearly above the k-th value is cached.
+    assert bool((ref_at >= kth - TIE_TOL).all()), "a cached id is not among the teacher's top k"
+    assert torch.equal((ref > kth + TIE_TOL).sum(-1), (ref_at > kth + TIE_TOL).sum(-1)), "a top-k id is missing"
+    # Log-probs within the stored precision (relative half-ulp at 8 mantissa bits), plus float32 forward noise.
+    err = (lps - ref_at).abs()
+    bound = LP_REL * ref_at.abs() + 1e-5
+    assert bool((err <= bound).all()), f"log-prob error {float((err / bound).max()):.3g}× the bound"
+    # And the stored values really are 8-bit-mantissa float16 values (nothing finer was kept).
+    stored = ex["topk_logprobs"].numpy()
+    assert np.array_equal(round_logprobs(stored).astype(np.float32), stored)
+    # Tail mass exact (float32 logsumexp over the complement of the cached ids) to 1e-5 relative.
+    in_s = torch.zeros_like(ref, dtype=torch.bool).scatter_(1, ids, True)
+    ref_tail = torch.logsumexp(ref.masked_fill(in_s, -math.inf), dim=-1)
+    rel = torch.expm1(tail - ref_tail).abs()
+    assert float(rel.max()) <= 1e-5, f"tail mass relative error {float(rel.max()):.3g}"
+
+
+@pytest.mark.parametrize("kind", ["instruction", "text"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_cache_matches_teacher_full_logits(arch, kind, teachers, data_files, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = teachers[arch]
+    temperature = 2.0 if (arch, kind) == ("gpt2", "text") else 1.0
+    out = tmp_path / "cache"
+    manifest = run_cache(teacher=str(teacher), data=str(data_files[kind]), out=str(out),
+                         examples_per_shard=5, batch_size=4, temperature=temperature)
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    records = [json.loads(line) for line in open(data_files[kind])]
+
+    cache = open_cache(out)
+    assert cache.manifest["k"] == K and cache.manifest["vocab_size"] == vocab
+    assert cache.manifest["data"]["template"] == ("text" if kind == "text" else "plain")
+    assert cache.manifest["tokenizer"]["vocab_size"] == len(tokenizer) == 300
+    examples = list(cache)
+    assert [e["example_id"] for e in examples] == list(range(len(records)))
+    assert len(cache.shards) == math.ceil(len(records) / 5)
+    total = 0
+    for ex, record in zip(examples, records):
+        ids, positions = expected_example(tokenizer, record, kind)
+        assert ex["input_ids"].tolist() == ids
+        assert ex["positions"].tolist() == positions
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].double()
+        ref = torch.log_softmax(logits / temperature, dim=-1)[positions]
+        assert ref.shape[1] == vocab
+        assert_matches_reference(ex, ref, K)
+        total += len(positions)
+    counts = cache.manifest["counts"]
+    assert counts["examples"] == len(records) and counts["positions"] == total
+    assert cache.check() == {"shards": len(cache.shards), "examples": len(records), "positions": total}
+
+
+def test_padded_vocab_ids_use_uint16_and_tail_exact_with_k_near_vocab(teachers, data_files, tmp_path):
+    """k = V − 1 leaves one token in the tail: its mass is that token's probability exactly."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cache"
+    run_cache(teacher=str(teachers["qwen2"]), data=str(data_files["text"]), out=str(out), top_k=319, limit=3)
+    model = AutoModelForCausalLM.from_pretrained(teachers["qwen2"], dtype=torch.float32).eval()
+    cache = open_cache(out)
+    import pyarrow.parquet as pq
+
+    assert str(pq.read_schema(out / cache.shards[0]["file"]).field("topk_ids").type) == "list<element: uint16>"
+    for ex in cache:
+        with torch.no_grad():
+            ref = torch.log_softmax(model(ex["input_ids"][None]).logits[0].double(), -1)[ex["positions"]]
+        assert_matches_reference(ex, ref, 319)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume
+
+
+def _read_all(path: Path) -> list[dict]:
+    return list(open_cache(path))
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    ea, eb = _read_all(a), _read_all(b)
+    assert len(ea) == len(eb)
+    for x, y in zip(ea, eb):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key == "example_id":
+                assert x[key] == y[key]
+            else:
+                assert torch.equal(x[key], y[key]), (x["example_id"], key)
+    ma, mb = open_cache(a).manifest, open_cache(b).manifest
+    assert ma["counts"] == mb["counts"]
+    assert ma["shards"] == mb["shards"]  # same files, sizes and checksums
+    assert ma["fingerprint"] == mb["fingerprint"]
+
+
+def _visible_shards(out: Path) -> list[str]:
+    d = out / "shards"
+    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
+
+
+def test_resume_after_simulated_crash_in_process(teachers, data_files, tmp_path, monkeypatch):
+    """Fast stand-in for the SIGKILL test: die after a shard's rename but before its progress
+    record, and in the middle of writing a shard (a temporary file left behind)."""
+    import amid.teacher as teacher_mod
+
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), examples_per_shard=2, batch_size=2)
+    ref = tmp_path / "ref"
+    run_cache(out=str(ref), **kw)
+    out = tmp_path / "out"
+
+    class Killed(BaseException):
+        pass
+
+    real_close = ShardWriter.close
+
+    def crashing_writer(after: int, mode: str):
+        calls = {"n": 0}
+
+        class W(ShardWriter):
+            def close(self):
+                calls["n"] += 1
+                if calls["n"] < after:
+                    return real_close(self)
+                if mode == "after_rename":
+                    real_close(self)  # the shard is visible, its progress record is not written
+                else:  # mid-write: a temporary file with partial content, no rename
+                    tmp = self.directory / "shards" / f".shard-{self.task:06d}.parquet.tmp-999999"
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    tmp.write_bytes(b"PAR1 partial")
+                raise Killed()
+
+        return W
+
+    for after, mode in [(2, "after_rename"), (3, "after_rename"), (2, "mid_write")]:
+        monkeypatch.setattr(teacher_mod, "ShardWriter", crashing_writer(after, mode))
+        with pytest.raises(Killed):
+            run_cache(out=str(out), **kw)
+        assert not (out / "manifest.json").exists()
+        with pytest.raises(CacheError, match="incomplete"):
+            open_cache(out)
+    assert list((out / "shards").glob(".shard-*.tmp-*")), "the simulated mid-write left a temporary file"
+    monkeypatch.setattr(teacher_mod, "ShardWriter", ShardWriter)
+    run_cache(out=str(out), **kw)
+    assert not list((out / "shards").glob(".*")), "stale temporary shards are cleaned on resume"
+    assert_same_cache(out, ref)
+    # Rerunning a complete cache is a no-op.
+    before = (out / "manifest.json").read_bytes()
+    run_cache(out=str(out), **kw)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def _cli_cache_cmd(teacher: Path, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "amid.cli", "cache-teacher", "--teacher", str(teacher), "--data", str(data),
+            "--out", str(out), "--examples-per-shard", "2", "--batch-size", "1", "--quiet"]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_equals_uninterrupted_run(teachers, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", instruction_records(200, seed=7))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    ref = tmp_path / "ref"
+    subprocess.run(_cli_cache_cmd(teachers["gpt2"], data, ref), check=True, env=env, capture_output=True)
+    n_shards = len(open_cache(ref).shards)
+    assert n_shards == 100
+
+    out = tmp_path / "out"
+    cmd = _cli_cache_cmd(teachers["gpt2"], data, out)
+    rng = random.Random(20260101)
+    killed_mid_run = 0
+    # Kill points: as soon as a random number of new shards is visible (typically between a
+    # shard's rename and its progress record), or at a random moment shortly after the first new
+    # shard (anywhere: forward pass, shard or progress write).
+    plans = [("shards", rng.randint(2, 15)), ("time", rng.uniform(0.0, 0.05)), ("shards", rng.randint(5, 25)),
+             ("time", rng.uniform(0.0, 0.05))]
+    for i, (how, amount) in enumerate(plans):
+        start = len(_visible_shards(out))
+        log = open(tmp_path / f"run{i}.log", "w+")
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.time() + 60
+        while proc.poll() is None and time.time() < deadline:
+            n = len(_visible_shards(out))
+            if how == "shards" and n >= start + amount:
+                break
+            if how == "time" and n > start:
+                time.sleep(amount)
+                break
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.seek(0)
+        if proc.returncode == -signal.SIGKILL and not (out / "manifest.json").exists():
+            killed_mid_run += 1
+            with pytest.raises(CacheError, match="incomplete"):
+                open_cache(out)
+        else:
+            assert proc.returncode in (0, -signal.SIGKILL), log.read()[-2000:]
+        log.close()
+    assert killed_mid_run >= 3, "the kills should land while the run is in progress"
+    # A stale temporary shard from a killed writer must not survive or be read.
+    stale = out / "shards" / ".shard-000003.parquet.tmp-424242"
+    stale.write_bytes(b"garbage")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert not stale.exists()
+    assert _visible_shards(out) == _visible_shards(ref)
+    assert_same_cache(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged shards
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_shard_is_refused_naming_it(gpt2_cache, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(gpt2_cache, out)
+    victim = out / "shards" / "shard-000001.parquet"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+    cache = open_cache(out)  # opening reads only the manifest
+    with pytest.raises(CacheError) as err:
+        list(cache)
+    msg = str(err.value)
+    assert "shard-000001.parquet" in msg and "\n" not in msg
+    with pytest.raises(CacheError, match="shard-000001.parquet"):
+        cache.check()
+
+    if damage == "flip":  # the real command line once (exit status, stderr, a clean exit)
+        res = subprocess.run([sys.executable, "-m", "amid.cli", "cache-info", str(out), "--verify"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert res.returncode == 1, (res.returncode, res.stderr)
+        stdout, stderr = res.stdout, res.stderr
+    else:
+        res = CliRunner().invoke(cli, ["cache-info", str(out), "--verify"])
+        assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+        stdout, stderr = res.stdout, res.stderr
+    assert "Traceback" not in stdout + stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: shard ") and "shard-000001.parquet" in lines[0], stderr
+    # Without --verify the damaged shard is not read: cache-info still describes the cache.
+    assert CliRunner().invoke(cli, ["cache-info", str(out)]).exit_code == 0
+
+
+def test_cache_info_human_json_and_verify(gpt2_cache):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["cache-info", str(gpt2_cache), "--verify"])
+    assert res.exit_code == 0, res.output
+    assert "verified" in res.output and "B/position" in res.output
+    res = runner.invoke(cli, ["cache-info", str(gpt2_cache), "--json", "--verify"])
+    assert res.exit_code == 0
+    info = json.loads(res.stdout)
+    assert info["verified"]["examples"] == info["counts"]["examples"] == 14
+    assert info["k"] == K and len(info["shards"]) == 4
+    assert all(len(s["sha256"]) == 64 for s in info["shards"])
+
+
+def test_open_cache_refuses_non_cache_and_incomplete(tmp_path):
+    with pytest.raises(CacheError, match="not an amid cache"):
+        open_cache(tmp_path)
+    res = CliRunner().invoke(cli, ["cache-info", str(tmp_path)])
+    assert res.exit_code != 0 and "not an amid cache" in res.output and res.exception.__class__ is SystemExit
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: one clear line, nothing written
+
+
+def _refused(args: list[str], *needles: str) -> str:
+    res = CliRunner().invoke(cli, ["cache-teacher", "--quiet", *args])
+    assert res.exit_code != 0, res.output
+    assert isinstance(res.exception, SystemExit), f"unexpected exception {res.exception!r}"
+    err = res.stderr.strip().splitlines()
+    # the CLI echoes its config first; the refusal is the last line, starting with "Error:"
+    assert err and err[-1].startswith("Error: "), res.stderr
+    assert "Traceback" not in res.output
+    for needle in needles:
+        assert needle in err[-1], err[-1]
+    return err[-1]
+
+
+def test_refusals_leave_no_output(teachers, tmp_path):
+    t = str(teachers["gpt2"])
+    out = tmp_path / "out"
+    base = ["--teacher", t, "--out", str(out)]
+
+    _refused([*base, "--data", str(tmp_path / "missing.jsonl")], "missing.jsonl", "no such file")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": oops}\n')
+    _refused([*base, "--data", str(bad)], f"{bad}:3", "malformed")
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _refused([*base, "--data", str(empty)], "empty.jsonl", "no records")
+
+    fields = write_jsonl(tmp_path / "fields.jsonl", [{"question": "a", "answer": "b"}])
+    _refused([*base, "--data", str(fields)], "question", "--prompt-field")
+    _refused([*base, "--data", str(fields), "--template", "plain", "--prompt-field", "question"],
+             "response", "needs field")
+
+    long = write_jsonl(tmp_path / "long.jsonl", instruction_records(6, seed=3))
+    msg = _refused([*base, "--data", str(long), "--max-length", "20"], "--max-length", "--overflow")
+    assert "record" in msg
+
+    assert not out.exists(), "a refusal must not create the output directory"
+
+
+def test_overflow_truncate_and_skip_are_counted(teachers, tmp_path):
+    records = instruction_records(10, seed=3)
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teachers["gpt2"])
+    lengths = [len(expected_example(tok, r, "instruction")[0]) for r in records]
+    max_len = sorted(lengths)[len(lengths) // 2]
+    too_long = sum(n > max_len for n in lengths)
+    assert 0 < too_long < len(records)
+
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data), max_length=max_len)
+    m = run_cache(out=str(tmp_path / "skip"), overflow="skip", **kw)
+    assert m["counts"]["skipped_too_long"] == too_long and m["counts"]["examples"] == len(records) - too_long
+    kept = [e["example_id"] for e in open_cache(tmp_path / "skip")]
+    assert kept == [i for i, n in enumerate(lengths) if n <= max_len]
+
+    m = run_cache(out=str(tmp_path / "trunc"), overflow="truncate", **kw)
+    assert m["counts"]["truncated"] == too_long and m["counts"]["examples"] == len(records)
+    for ex, n in zip(open_cache(tmp_path / "trunc"), lengths):
+        assert len(ex["input_ids"]) == min(n, max_len)
+        assert int(ex["positions"][-1]) == len(ex["input_ids"]) - 2
+    res = CliRunner().invoke(cli, ["cache-info", str(tmp_path / "trunc")])
+    assert f"{too_long} / 0" in res.output
+
+
+def test_refuses_cache_of_another_teacher_or_tokenizer(teachers, data_files, gpt2_cache, tmp_path):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(gpt2_cache, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # Same tokenizer, other weights.
+    other = save_teacher(tmp_path / "other", "gpt2", tokenizer_vocab=300, seed=1)
+    msg = _refused(["--teacher", str(other), "--data", str(data_files["instruction"]), "--out", str(out),
+                    "--examples-per-shard", "4", "--batch-size", "3"], str(out), "teacher")
+    assert "tokenizer" not in msg
+    # Another tokenizer (and model).
+    with pytest.raises(CacheError, match="tokenizer"):
+        run_cache(teacher=str(teachers["llama"]), data=str(data_files["instruction"]), out=str(out),
+                  examples_per_shard=4, batch_size=3)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before, "the existing cache must be left intact"
+    open_cache(out).check()
+
+    # An in-progress cache of teacher A is protected the same way.
+    (out / "manifest.json").unlink()
+    with pytest.raises(CacheError, match="teacher"):
+        run_cache(teacher=str(other), data=str(data_files["instruction"]), out=str(out),
+                  examples_per_shard=4, batch_size=3)
+
+
+def test_refuses_cache_of_edited_data(teachers, tmp_path):
+    """Same file name, same record count, different content: not the same cache (a resume would
+    mix old and new examples; a complete cache would silently be stale)."""
+    recs = instruction_records(6, seed=4)
+    data = write_jsonl(tmp_path / "d.jsonl", recs)
+    out = tmp_path / "cache"
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data), out=str(out))
+    run_cache(**kw)
+    recs[2]["response"] = "an edited response"
+    write_jsonl(data, recs)
+    with pytest.raises(CacheError, match="different data"):
+        run_cache(**kw)
+
+
+def test_refuses_nonempty_non_cache_directory(teachers, data_files, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    _refused(["--teacher", str(teachers["gpt2"]), "--data", str(data_files["text"]), "--out", str(out)],
+             "not an amid cache")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # An empty existing directory is fine.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["text"]), out=str(empty), limit=2)
+    assert open_cache(empty).manifest["counts"]["examples"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Standard readers
+
+
+def test_shards_readable_without_amid(gpt2_cache, tmp_path):
+    import datasets
+    import pyarrow.dataset as pads
+
+    cache = open_cache(gpt2_cache)
+    k = cache.manifest["k"]
+    ours = list(cache)
+    # A stale temporary file must be ignored by the standard readers too.
+    (gpt2_cache / "shards" / ".shard-000000.parquet.tmp-1").write_bytes(b"junk")
+    try:
+        ds = pads.dataset(gpt2_cache / "shards", format="parquet")
+        table = ds.to_table()
+        assert table.num_rows == len(ours) == cache.manifest["counts"]["examples"]
+        rows = sorted(table.to_pylist(), key=lambda r: r["example_id"])
+        for row, ex in zip(rows, ours):
+            assert row["example_id"] == ex["example_id"]
+            assert row["input_ids"] == ex["input_ids"].tolist()
+            assert row["positions"] == ex["positions"].tolist()
+            assert np.array_equal(np.array(row["topk_ids"]).reshape(-1, k), ex["topk_ids"].numpy())
+            assert np.array_equal(np.array(row["topk_logprobs"], np.float32).reshape(-1, k), ex["topk_logprobs"].numpy())
+            assert np.array_equal(np.array(row["tail_logmass"], np.float32), ex["tail_logmass"].numpy())
+
+        hf = datasets.load_dataset("parquet", data_dir=str(gpt2_cache / "shards"), split="train",
+                                   cache_dir=str(tmp_path / "hf"))
+        assert hf.num_rows == len(ours)
+        hf_rows = sorted(hf, key=lambda r: r["example_id"])
+        for row, ex in zip(hf_rows, ours):
+            assert row["input_ids"] == ex["input_ids"].tolist()
+            assert np.array_equal(np.array(row["topk_ids"]).reshape(-1, k), ex["topk_ids"].numpy())
+            assert np.allclose(np.array(row["topk_logprobs"], np.float32).reshape(-1, k), ex["topk_logprobs"].numpy(),
+                               rtol=0, atol=0)
+            assert np.array_equal(np.array(row["tail_logmass"], np.float32), ex["tail_logmass"].numpy())
+    finally:
+        (gpt2_cache / "shards" / ".shard-000000.parquet.tmp-1").unlink()

@@ -1,0 +1,293 @@
+"""Records, templates, target positions (amid.data) and the top-k value codec (amid.codec)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from amid.codec import LOGPROB_MANTISSA_BITS, encode_topk, id_dtype, round_logprobs
+from amid.data import (
+    DataError,
+    TemplateConfig,
+    build_examples,
+    dolly_prompt,
+    iter_batches,
+    load_records,
+    resolve_template,
+)
+from helpers import CHATML_TEMPLATE, shared_path, train_tokenizer, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(300)
+
+
+@pytest.fixture(scope="module")
+def tok_bos():
+    return train_tokenizer(300, add_bos=True)
+
+
+@pytest.fixture(scope="module")
+def tok_chat():
+    return train_tokenizer(300, chat_template=CHATML_TEMPLATE)
+
+
+def enc(tokenizer, s: str) -> list[int]:
+    return tokenizer(s, add_special_tokens=False)["input_ids"]
+
+
+def targets(ex) -> list[int]:
+    """The tokens the positions predict: input_ids[t + 1] for t in positions."""
+    return [ex.input_ids[t + 1] for t in ex.positions]
+
+
+# ----------------------------------------------------------------------------------------------
+# Templates and positions
+
+
+def test_text_template_every_next_token_is_a_target(tok, tok_bos):
+    recs = [{"text": "The quick brown fox."}, {"text": "Hello world"}]
+    for t in (tok, tok_bos):
+        exs, stats, template = build_examples(recs, t, TemplateConfig(), "mem")
+        assert template == "text" and stats.examples == 2
+        for ex, r in zip(exs, recs):
+            bos = [t.bos_token_id] if t is tok_bos else []
+            assert ex.input_ids == bos + enc(t, r["text"]) + [t.eos_token_id]
+            # No BOS: the first token has no prediction; with BOS every text token is a target.
+            assert ex.positions == list(range(len(ex.input_ids) - 1))
+            assert targets(ex) == ex.input_ids[1:]
+
+
+def test_plain_template_targets_only_response_and_eos(tok, tok_bos):
+    rec = {"prompt": "What is the capital of France?\n", "response": "Paris."}
+    for t in (tok, tok_bos):
+        (ex,), _, template = build_examples([rec], t, TemplateConfig(), "mem")
+        assert template == "plain"
+        bos = [t.bos_token_id] if t is tok_bos else []
+        p, r = enc(t, rec["prompt"]), enc(t, rec["response"])
+        assert ex.input_ids == bos + p + r + [t.eos_token_id]
+        assert ex.positions[0] == len(bos) + len(p) - 1  # the row that predicts the first response token
+        assert targets(ex) == r + [t.eos_token_id]
+        assert t.decode(targets(ex)[:-1]) == "Paris."
+
+
+def test_custom_fields_and_output_alias(tok):
+    (ex,), _, template = build_examples([{"q": "Name a colour.", "a": "Blue"}], tok,
+                                       TemplateConfig(prompt_field="q", response_field="a"), "mem")
+    assert template == "plain" and tok.decode(targets(ex)[:-1]) == "Blue"
+    # `output` stands in for `response` (Alpaca/Dolly dev/test files).
+    recs = [{"prompt": "Say hi.\n", "output": "hi"}]
+    template, cfg = resolve_template(recs, TemplateConfig(), "mem")
+    assert template == "plain" and cfg.response_field == "output"
+    (ex,), _, _ = build_examples(recs, tok, TemplateConfig(), "mem")
+    assert tok.decode(targets(ex)[:-1]) == "hi"
+
+
+def test_dolly_instruction_context_response(tok):
+    with_ctx = {"instruction": "Who won?", "context": "Team A beat team B.", "response": "Team A."}
+    no_ctx = {"instruction": "Name a fruit.", "context": "", "response": "Apple."}
+    template, _ = resolve_template([with_ctx], TemplateConfig(), "mem")
+    assert template == "dolly"
+    p = dolly_prompt(with_ctx)
+    assert p.startswith("Below is an instruction that describes a task, paired with an input")
+    assert "### Instruction:\nWho won?\n\n### Input:\nTeam A beat team B.\n\n### Response:\n" in p
+    q = dolly_prompt(no_ctx)
+    assert q.startswith("Below is an instruction that describes a task. Write a response")
+    assert "### Input" not in q and q.endswith("### Instruction:\nName a fruit.\n\n### Response:\n")
+    exs, _, _ = build_examples([with_ctx, no_ctx], tok, TemplateConfig(), "mem")
+    for ex, rec in zip(exs, [with_ctx, no_ctx]):
+        prompt_ids = enc(tok, dolly_prompt(rec))
+        assert ex.input_ids[: len(prompt_ids)] == prompt_ids
+        assert ex.positions[0] == len(prompt_ids) - 1
+        assert tok.decode(targets(ex)[:-1]) == rec["response"]
+    # Alpaca-style `input` is the context too.
+    assert dolly_prompt({"instruction": "Who won?", "input": "Team A beat team B."}) == p
+
+
+def test_dolly_template_reproduces_the_reference_prompts():
+    """The shared Dolly dev/test files carry the reference prompt next to instruction/input."""
+    rows = [json.loads(line) for line in open(shared_path("data", "instruct", "dolly_dev.jsonl"))]
+    assert any(r["input"].strip() for r in rows) and any(not r["input"].strip() for r in rows)
+    assert all(dolly_prompt(r) == r["prompt"] for r in rows)
+    # Loaded through the file loader: `output` is recognised and the file's own prompt is used.
+    recs = load_records(str(shared_path("data", "instruct", "dolly_dev.jsonl")), limit=5)
+    template, cfg = resolve_template(recs, TemplateConfig(), "dolly_dev")
+    assert template == "plain" and cfg.response_field == "output"
+
+
+def test_chat_template_targets_assistant_turn(tok_chat, tok):
+    rec = {"prompt": "Name a colour.", "response": "Blue."}
+    (ex,), _, template = build_examples([rec], tok_chat, TemplateConfig(template="chat"), "mem")
+    assert template == "chat"
+    msgs = [{"role": "user", "content": rec["prompt"]}]
+    prompt_ids = list(tok_chat.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert ex.input_ids[: len(prompt_ids)] == prompt_ids
+    assert ex.positions == list(range(len(prompt_ids) - 1, len(ex.input_ids) - 1))
+    assert tok_chat.decode(targets(ex)) == "Blue.<|im_end|>\n"
+    with pytest.raises(DataError, match="chat template"):
+        build_examples([rec], tok, TemplateConfig(template="chat"), "mem")
+
+
+def test_chat_template_of_the_real_qwen2_tokenizer():
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(shared_path("tokenizers", "qwen2"))
+    assert qwen.chat_template
+    rec = {"prompt": "What is 2 + 2?", "response": "2 + 2 = 4."}
+    (ex,), _, _ = build_examples([rec], qwen, TemplateConfig(template="chat"), "mem")
+    text = qwen.decode(ex.input_ids)
+    assert "<|im_start|>user\nWhat is 2 + 2?<|im_end|>" in text
+    assert qwen.decode(targets(ex)) == "2 + 2 = 4.<|im_end|>\n"
+    assert qwen.decode(ex.input_ids[: ex.positions[0] + 1]).endswith("<|im_start|>assistant\n")
+
+
+def test_auto_template_choice_and_missing_fields(tok):
+    assert resolve_template([{"text": "x", "prompt": "p", "response": "r"}], TemplateConfig(), "m")[0] == "text"
+    assert resolve_template([{"prompt": "p", "response": "r"}], TemplateConfig(), "m")[0] == "plain"
+    assert resolve_template([{"instruction": "i", "response": "r"}], TemplateConfig(), "m")[0] == "dolly"
+    with pytest.raises(DataError, match=r"src: fields \['a', 'b'\] match no template"):
+        resolve_template([{"a": 1, "b": 2}], TemplateConfig(), "src")
+    with pytest.raises(DataError, match=r"needs field\(s\) \['body'\]"):
+        resolve_template([{"text": "x"}], TemplateConfig(template="text", text_field="body"), "src")
+
+
+def test_max_length_error_truncate_skip(tok):
+    recs = [{"prompt": "Short?\n", "response": "Yes."},
+            {"prompt": "A much longer prompt that goes on and on.\n", "response": "And a long response too."}]
+    n_long = len(enc(tok, recs[1]["prompt"] + recs[1]["response"])) + 1
+    limit = n_long - 5
+    with pytest.raises(DataError, match=r"record 1 has \d+ tokens, more than --max-length"):
+        build_examples(recs, tok, TemplateConfig(max_length=limit), "src")
+    exs, stats, _ = build_examples(recs, tok, TemplateConfig(max_length=limit, overflow="skip"), "src")
+    assert [e.example_id for e in exs] == [0] and stats.skipped_too_long == 1
+    exs, stats, _ = build_examples(recs, tok, TemplateConfig(max_length=limit, overflow="truncate"), "src")
+    assert stats.truncated == 1 and len(exs[1].input_ids) == limit
+    assert exs[1].positions[-1] == limit - 2
+    # A prompt that fills the whole budget leaves no target: skipped and counted, not an error.
+    n_short = len(enc(tok, recs[0]["prompt"] + recs[0]["response"])) + 1
+    assert len(enc(tok, recs[1]["prompt"])) >= n_short
+    exs, stats, _ = build_examples(recs, tok, TemplateConfig(max_length=n_short, overflow="truncate"), "src")
+    assert [e.example_id for e in exs] == [0] and stats.skipped_empty == 1 and stats.truncated == 1
+    with pytest.raises(ValueError):
+        TemplateConfig(overflow="drop")
+
+
+def test_iter_batches_cover_each_example_once(tok):
+    recs = [{"text": "word " * n} for n in range(1, 30)]
+    exs, _, _ = build_examples(recs, tok, TemplateConfig(), "m")
+    batches = list(iter_batches(exs, max_tokens=64, max_batch=4))
+    seen = sorted(e.example_id for b in batches for e in b)
+    assert seen == list(range(len(recs)))
+    for b in batches:
+        assert len(b) <= 4
+        assert len(b) == 1 or max(len(e.input_ids) for e in b) * len(b) <= 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading records
+
+
+def test_load_records_formats(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(5)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    (tmp_path / "c.csv").write_text("prompt,response\n" + "".join(f"p{i},r{i}\n" for i in range(5)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "e.txt").write_text("line one\nline two\n")
+    for name in ("a.jsonl", "b.json", "c.csv", "d.parquet"):
+        assert load_records(str(tmp_path / name)) == rows, name
+    assert load_records(str(tmp_path / "a.jsonl"), limit=2) == rows[:2]
+    assert [r["text"] for r in load_records(str(tmp_path / "e.txt"))] == ["line one", "line two"]
+
+
+def test_load_records_refusals(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_records(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": 2}\n{"a": \n')
+    with pytest.raises(DataError, match=rf"{bad}:3: malformed JSON"):
+        load_records(str(bad))
+    notobj = tmp_path / "list.jsonl"
+    notobj.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=rf"{notobj}:2: expected a JSON object"):
+        load_records(str(notobj))
+    for name, content in [("empty.jsonl", ""), ("blank.jsonl", "\n\n  \n"), ("empty.json", "[]"), ("empty.csv", "")]:
+        f = tmp_path / name
+        f.write_text(content)
+        with pytest.raises(DataError, match="no records"):
+            load_records(str(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Codec
+
+
+def _reference_round(x: np.ndarray, bits: int) -> np.ndarray:
+    """Round-to-nearest-even to `bits` explicit mantissa bits, exactly, in float64."""
+    m, e = np.frexp(x.astype(np.float64))  # x = m·2^e, 0.5 ≤ |m| < 1: bits + 1 significant bits
+    return np.ldexp(np.round(np.ldexp(m, bits + 1)), e - bits - 1)  # np.round is half-to-even
+
+
+@pytest.mark.parametrize("bits", [LOGPROB_MANTISSA_BITS, 10, 5])
+def test_round_logprobs_is_exact_round_to_nearest_even(bits):
+    rng = np.random.default_rng(bits)
+    x = -np.exp(rng.uniform(np.log(1e-4), np.log(6e4), 200_000)).astype(np.float32)
+    r = round_logprobs(x, bits)
+    assert r.dtype == np.float16
+    assert np.array_equal(r.astype(np.float64), _reference_round(x, bits))
+    err = np.abs(r.astype(np.float64) - x) / np.abs(x.astype(np.float64))
+    assert err.max() <= 2.0 ** -(bits + 1)
+
+
+def test_round_logprobs_ties_go_to_even_and_are_unbiased():
+    # Exactly halfway between two 8-bit values: 1 + (2j + 1)·2^-9 for j = 0..255, times 2^e.
+    j = np.arange(256)
+    mid = -(1.0 + (2 * j + 1) * 2.0**-9) * 4.0
+    r = round_logprobs(mid.astype(np.float32)).astype(np.float64)
+    down, up = -(1.0 + 2 * j * 2.0**-9) * 4.0, -(1.0 + (2 * j + 2) * 2.0**-9) * 4.0
+    assert np.array_equal(r, np.where(j % 2 == 0, down, up))  # the even neighbour each time
+    # Unbiased: the mean relative error over many values is far below the bound.
+    x = -np.random.default_rng(0).uniform(0.01, 30, 1_000_000).astype(np.float32)
+    rel = (round_logprobs(x).astype(np.float64) - x) / np.abs(x.astype(np.float64))
+    assert abs(rel.mean()) < 2.0**-9 / 100
+    # Truncation (what a plain bit mask would do) is visibly biased by comparison.
+    trunc = (x.view(np.uint32) & np.uint32(~((1 << 15) - 1) & 0xFFFFFFFF)).view(np.float32)
+    assert abs(((trunc.astype(np.float64) - x) / np.abs(x)).mean()) > 2.0**-9 / 10
+
+
+def test_round_logprobs_special_values():
+    x = np.array([-np.inf, np.inf, 0.0, -0.0, np.nan, -1e-30, -1e-6, -70000.0], np.float32)
+    r = round_logprobs(x)
+    assert np.isneginf(r[0]) and np.isposinf(r[1]) and r[2] == 0 and np.signbit(r[3]) and np.isnan(r[4])
+    # Below float16's normal range the absolute error is at most one float16 subnormal step
+    # (log p ≈ 0 means p ≈ 1: an absolute error of 6e-8 in log p is negligible).
+    assert abs(float(r[5]) - -1e-30) <= 2.0**-24 and abs(float(r[6]) - -1e-6) <= 2.0**-24
+    # Beyond float16's range a log-probability becomes −inf: exp(−70000) is 0 in float32 too.
+    assert np.isneginf(r[7])
+    with pytest.raises(ValueError):
+        round_logprobs(x, 11)
+
+
+def test_id_dtype_by_vocab_size():
+    assert id_dtype(300) == np.uint16 and id_dtype(50257) == np.uint16 and id_dtype(65536) == np.uint16
+    assert id_dtype(65537) == np.uint32 and id_dtype(151936) == np.uint32
+
+
+def test_encode_topk_sorts_ids_and_keeps_pairs():
+    rng = np.random.default_rng(0)
+    V, P, k = 151936, 50, 64
+    ids = np.stack([rng.choice(V, k, replace=False) for _ in range(P)])
+    lps = -rng.exponential(3.0, (P, k)).astype(np.float32)
+    e_ids, e_lps = encode_topk(ids, lps, V)
+    assert e_ids.dtype == np.uint32 and e_lps.dtype == np.float16
+    assert (np.diff(e_ids.astype(np.int64), axis=1) > 0).all()
+    for i in range(P):
+        pairs = dict(zip(ids[i].tolist(), round_logprobs(lps[i]).tolist()))
+        assert dict(zip(e_ids[i].tolist(), e_lps[i].tolist())) == pairs
+    assert encode_topk(ids % 50257, lps, 50257)[0].dtype == np.uint16
