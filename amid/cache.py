@@ -223,9 +223,6 @@ class Progress:
                 if f.exists() and f.stat().st_size == rec["bytes"]:
                     self.shards[rec["task"]] = rec
 
-    def done(self, task: int) -> bool:
-        return task in self.shards
-
     def add(self, record: ShardRecord) -> None:
         self.shards[record.task] = record.to_dict()
         self.save()
@@ -236,6 +233,20 @@ class Progress:
             {"fingerprint": self.header["fingerprint"], "header": self.header,
              "shards": [self.shards[t] for t in sorted(self.shards)]},
         )
+
+
+def finished_tasks(directory: Path, header: dict[str, Any]) -> set[int]:
+    """Shard tasks finished by any rank of this cache run (listed, present, of the listed size)."""
+    done: set[int] = set()
+    for p in sorted(Path(directory).glob("progress-rank*.json")):
+        state = _read_json(p)
+        if state.get("fingerprint") != header["fingerprint"]:
+            raise CacheError(f"{p}: belongs to a different cache run; delete it")
+        for rec in state.get("shards", []):
+            f = Path(directory) / rec["file"]
+            if f.exists() and f.stat().st_size == rec["bytes"]:
+                done.add(rec["task"])
+    return done
 
 
 def _read_json(path: Path) -> dict[str, Any]:

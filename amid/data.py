@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -102,7 +101,8 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
     path = Path(source)
     if path.exists():
         records = _load_local(path, split)
-    elif os.sep in source or source.endswith(tuple(_BUILDERS)):
+    elif source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
+        # Looks like a path (hub dataset names are "name" or "owner/name" without a file extension).
         raise DataError(f"{source}: no such file or directory")
     else:
         records = _load_hub(source, split)

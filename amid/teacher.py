@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from amid import __version__
 from amid.cache import (
-    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, make_header, progress_name,
+    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, make_header,
+    progress_name,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
 
@@ -131,7 +132,10 @@ def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
 
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # Under torchrun/accelerate each process takes its own GPU.
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
     return torch.device(device)
 
 
@@ -168,6 +172,13 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    longest = max(len(e.input_ids) for e in examples)
+    if context and longest > context:
+        raise DataError(
+            f"{cfg.data}: an example has {longest} tokens, more than the teacher's context of {context}; "
+            f"pass --max-length {context} (with --overflow truncate or skip)"
+        )
     if vocab_size < len(tokenizer):
         raise DataError(
             f"{cfg.teacher}: model has {vocab_size} output logits but its tokenizer {len(tokenizer)} tokens"
@@ -208,9 +219,11 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         stale.unlink(missing_ok=True)
 
     state = Progress(out, rank, header)
+    state.save()  # from now on the directory is recognisably this cache, even before its first shard
     k = header["k"]
     tasks = [examples[i: i + cfg.examples_per_shard] for i in range(0, len(examples), cfg.examples_per_shard)]
-    mine = [t for t in range(len(tasks)) if t % world == rank and not state.done(t)]
+    finished = finished_tasks(out, header)  # by any rank: a resume may use another world size
+    mine = [t for t in range(len(tasks)) if t % world == rank and t not in finished]
     todo_positions = sum(len(e.positions) for t in mine for e in tasks[t])
     total_positions = sum(len(e.positions) for e in examples)
     if rank == 0:
