@@ -6,8 +6,11 @@ same inputs, and reports ratios (first / second): below 1 means the first is fas
     1. sparse (k + 1 bins, materialised logits) vs full-vocabulary loss, forward + backward
     2. fused LM-head sparse loss vs materialised logits + sparse loss (both fused strategies)
     3. sparse AMiD loss vs F.cross_entropy on the same logits, every preset
-    4. cache write / read throughput             (hook: runs when amid.cache provides it)
-    5. step from the cache vs online-teacher step  (hook: runs when amid.train provides it)
+    4. cache write / read throughput, one core, k = 64; loader and decode vs the demo trainer
+    5. step from the cache vs online-teacher step (teacher ≈ 8× the student); N-run sweep cost
+    6. cache_teacher bf16 vs float32 teacher forward: top-k agreement, log-prob/tail error, speed
+       (GPU only unless named in --rows)
+Rows 4-6 live in benchmarks/pipeline.py (its docstring gives their sizes and method).
 
 Time: median of `--repeat` runs after warm-up (CUDA events on a GPU, perf_counter on CPU), the
 two implementations interleaved. Peak memory: the increase of allocated memory over what the
@@ -18,7 +21,7 @@ its resident set before the run, with glibc's mmap threshold pinned at 128 KiB s
 tensors go back to the system and the high-water mark follows live tensors.
 
 Sizes: on a GPU, or with `--full`, the issue's sizes (N = 4096, V = 50257 and 151936; N = 8192,
-V = 151936 for row 2). On CPU the default scales N down (`--n`, 256) so the suite runs in a few
+V = 151936 for row 2). On CPU the default scales N down (`--n`, 128) so the suite runs in a few
 minutes on two cores; V and the head widths stay real (GPT-2 small: V = 50257, H = 768;
 Qwen2.5-0.5B: V = 151936, H = 896).
 """
@@ -348,31 +351,27 @@ def floors(meter, n, v, dtype, gen) -> str:
 
 
 def bench_cache(meter, args) -> list[Row]:
-    """Row 4: cache write and read throughput (positions/s, bytes/position) for k = 64.
+    """Row 4: cache write and read throughput (positions/s, bytes/position) for k = 64, one core,
+    and the loader vs the demo student's step (benchmarks/pipeline.py)."""
+    from benchmarks import pipeline
 
-    A hook: it runs when `amid.cache` offers `benchmark_throughput(...)`, and reports nothing
-    otherwise."""
-    try:
-        from amid import cache  # noqa: F401
-    except ImportError:
-        return []
-    fn = getattr(cache, "benchmark_throughput", None)
-    if fn is None:
-        return []
-    return list(fn(meter=meter, args=args))
+    return pipeline.bench_cache(meter, args, Row)
 
 
 def bench_training(meter, args) -> list[Row]:
-    """Row 5: a training step from the cache vs one with the teacher online (teacher 4-8× the
-    student) and the cost of an N-run sweep both ways. A hook, like `bench_cache`."""
-    try:
-        from amid import train  # noqa: F401
-    except ImportError:
-        return []
-    fn = getattr(train, "benchmark_step", None)
-    if fn is None:
-        return []
-    return list(fn(meter=meter, args=args))
+    """Row 5: a training step from the cache vs one with the teacher online (teacher ≈ 8× the
+    student) and the cost of an N-run sweep both ways (benchmarks/pipeline.py)."""
+    from benchmarks import pipeline
+
+    return pipeline.bench_step(meter, args, Row)
+
+
+def bench_teacher_dtype(meter, args) -> list[Row]:
+    """Row 6: cache_teacher with a bf16 vs a float32 teacher forward: fidelity and positions/s
+    (benchmarks/pipeline.py). Runs by default on a GPU only."""
+    from benchmarks import pipeline
+
+    return pipeline.bench_teacher_dtype(meter, args, Row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,9 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="comma list (default: float32,bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--rows", default="1,2,3,4,5", help="which tables to run")
+    p.add_argument("--rows", default=None,
+                   help="which tables to run (default 1,2,3,4,5 and, on a GPU, 6); rows 4-6 run in the order given")
     p.add_argument("--full", action="store_true", help="the issue's sizes on CPU too")
-    p.add_argument("--n", type=int, default=None, help="positions per batch (default 4096 GPU, 256 CPU)")
+    p.add_argument("--n", type=int, default=None, help="positions per batch (default 4096 GPU, 128 CPU)")
     p.add_argument("--vocab", default="50257,151936")
     p.add_argument("--big-n", type=int, default=None, help="row 2's extra size (default 8192 on GPU / --full, none on CPU)")
     p.add_argument("--presets", default=",".join(PRESETS))
@@ -433,17 +433,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="default 2 on GPU (compiles), 1 on CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--cache-positions", type=int, default=None,
+                   help="row 4: positions written and read per vocabulary (default 50k CPU, 200k GPU)")
+    p.add_argument("--teacher-positions", type=int, default=None,
+                   help="row 4: distinct teacher rows per shard (default 4096 CPU, 8192 GPU)")
+    p.add_argument("--zipf", action="store_true", help="row 4: the synthetic Zipf teacher even where "
+                   "../shared has the bigram teacher's files")
+    p.add_argument("--step-vocab", type=int, default=None, help="row 5: vocabulary (default 32000 CPU, 50257 GPU)")
+    p.add_argument("--dtype-records", type=int, default=None,
+                   help="row 6: records cached (default every pydoc record on GPU, 200 on CPU)")
+    p.add_argument("--dtype-teacher-hidden", type=int, default=None, help="row 6 on CPU: teacher width (default 256)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     full = gpu or args.full
-    n = args.n or (4096 if full else 256)
+    n = args.n or (4096 if full else 128)
     big_n = args.big_n or (8192 if full else None)
     vocabs = [int(x) for x in args.vocab.split(",")]
     dtypes = [DTYPES[d] for d in (args.dtype or ("float32,bfloat16" if gpu else "float32")).split(",")]
     repeat = args.repeat or (10 if gpu else 3)
-    which = set(args.rows.split(","))
+    order = (args.rows or ("1,2,3,4,5,6" if gpu else "1,2,3,4,5")).split(",")
+    which = set(order)
     warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     meter = Meter(device, repeat, warmup)
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -455,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"top-k {TOP_K}, repeat {repeat} (median), warm-up {warmup}; ratios are A / B\n", flush=True)
 
     rows: list[Row] = []
-    for dtype in dtypes:
+    for dtype in dtypes if which & {"1", "2", "3"} else []:
         print(floors(meter, big_n or n, max(vocabs), dtype, gen) + "\n", flush=True)
         if "1" in which:
             rows += bench_sparse_vs_full(meter, [(n, v) for v in vocabs], dtype, gen, cfg)
@@ -470,10 +481,12 @@ def main(argv: list[str] | None = None) -> None:
             got = bench_vs_ce(meter, [(n, max(vocabs))], dtype, gen, args.presets.split(","))
             rows += got
             print(markdown(got), flush=True)
-    if "4" in which:
-        rows += bench_cache(meter, args)
-    if "5" in which:
-        rows += bench_training(meter, args)
+    later = {"4": bench_cache, "5": bench_training, "6": bench_teacher_dtype}
+    for key in order:
+        if key in later:
+            got = later[key](meter, args)
+            rows += got
+            print(markdown(got) + "\n", flush=True)
 
     print("\n## all rows\n")
     print(markdown(rows))
