@@ -277,7 +277,16 @@ def _forward(model, batch: list[Example], k: int, temperature: float, device: to
         input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    for i, e in enumerate(batch):
-        rows = logits[i, torch.tensor(e.positions, device=device)]
-        ids, lps, tail = teacher_topk(rows, k, temperature)
-        yield ids.cpu().numpy(), lps.cpu().numpy(), tail.cpu().numpy().astype(np.float32)
+    # Every target row of the batch at once: one top-k, one device-to-host copy per batch.
+    batch_index = torch.cat([torch.full((len(e.positions),), i, dtype=torch.long) for i, e in enumerate(batch)])
+    positions = torch.cat([torch.as_tensor(e.positions, dtype=torch.long) for e in batch])
+    rows = logits[batch_index.to(device), positions.to(device)]
+    step = max(1, (1 << 26) // rows.shape[-1])  # bound the float32 temporaries to ~256 MiB each
+    parts = [teacher_topk(rows[i: i + step], k, temperature) for i in range(0, rows.shape[0], step)]
+    ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))
+    tail = tail.astype(np.float32)
+    start = 0
+    for e in batch:
+        end = start + len(e.positions)
+        yield ids[start:end], lps[start:end], tail[start:end]
+        start = end
