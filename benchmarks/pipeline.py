@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from benchmarks.cache_format import measure_decode_rate
 from amid.cache import Progress, ShardWriter, finalize, make_header, open_cache
 from amid.loader import Loader, Plan, scan, split
 from amid.losses import LossConfig
@@ -210,20 +211,8 @@ def write_cache(directory: Path, t: dict[str, Any], k: int, copies: int) -> dict
 
 
 def decode_rate(directory: Path, verify: bool = True, repeat: int = 2) -> float:
-    """Positions/s of `open_cache` iteration (every example's tensors), page cache warm; best of
-    `repeat`. Call under `one_core()` for the per-core figure."""
-    cache = open_cache(directory, verify=verify)
-    for s in cache.shards:
-        (Path(directory) / s["file"]).read_bytes()
-    best = math.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        n = 0
-        for ex in cache:
-            n += ex["topk_ids"].shape[0]
-        best = min(best, time.perf_counter() - t0)
-    assert n == cache.num_positions
-    return n / best
+    """Positions/s of `open_cache` iteration on one core (see `cache_format.measure_decode_rate`)."""
+    return measure_decode_rate(directory, verify=verify, repeat=repeat)
 
 
 def loader_run(directory: Path, batch_size: int, num_workers: int = 1, keep: int = 0) -> dict[str, Any]:
