@@ -75,10 +75,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -199,7 +199,7 @@ class ShardWriter:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return ShardRecord(
             task=self.task, file=name, examples=len(self._rows), positions=self._positions,
             bytes=len(data), sha256=sha256_bytes(data), tail_mass_sum=self._tail_mass,
@@ -216,7 +216,7 @@ class Progress:
         if self.path.exists():
             state = _read_json(self.path)
             if state.get("fingerprint") != header["fingerprint"]:
-                raise CacheError(_mismatch_message(Path(directory), state.get("header", {}), header))
+                raise CacheError(mismatch_message(Path(directory), state.get("header", {}), header))
             for rec in state.get("shards", []):
                 f = Path(directory) / rec["file"]
                 # A shard listed but missing or of the wrong size is redone, not trusted.
@@ -256,7 +256,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CacheError(f"{path}: unreadable ({exc}); delete it to start this cache again") from None
 
 
-def _mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
     diffs = [key for key in ("teacher", "tokenizer", "k", "temperature", "data") if old.get(key) != new.get(key)]
     what = ", ".join(diffs) if diffs else "settings"
     return (

@@ -144,8 +144,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if (path / sub / "config.json").exists():
             path = path / sub
             break
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    from amid.teacher import resolve_device
+
+    device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else cfg.model)
     model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.model).to(device)
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,

@@ -31,7 +31,8 @@ from amid.cache import (
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
 
-__all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk"]
+__all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
+           "resolve_dtype"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
     return ids, top - lse[:, None], tail
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
@@ -139,7 +141,8 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """"auto": bf16 (fp16 without bf16 support) on GPU, fp32 on CPU; else bf16/fp16/fp32 as named."""
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -166,8 +169,8 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)
 
-    device = _resolve_device(cfg.device)
-    dtype = _resolve_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
@@ -201,9 +204,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
 
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
-        from amid.cache import _mismatch_message
+        from amid.cache import mismatch_message
 
-        raise CacheError(_mismatch_message(out, old, header))
+        raise CacheError(mismatch_message(out, old, header))
     if old is not None and (out / MANIFEST).exists():
         log(f"{out}: cache already complete; nothing to do")
         return json.loads((out / MANIFEST).read_text())

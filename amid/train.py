@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from amid import __version__
-from amid.cache import Cache, _fsync_dir, open_cache, write_json_atomic
+from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
 from amid.loader import Loader, Plan, Position, collate, cut_batches, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
-from amid.teacher import _resolve_device, _resolve_dtype, tokenizer_identity
+from amid.teacher import resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
 
@@ -428,7 +428,7 @@ def _fsync_tree(path: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def save_model_dir(path: Path, model, tokenizer, state: dict[str, Any] | None = None) -> None:
@@ -545,8 +545,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     model, tokenizer = _load_student(model_path, cfg.trust_remote_code)
     check_compatible(cfg.student, model, tokenizer, cache)
     log(f"amid train: config {json.dumps(cfg.to_dict())}")
-    device = _resolve_device(cfg.device)
-    amp_dtype = _resolve_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
