@@ -315,17 +315,27 @@ def build_examples(
     return examples, stats, template
 
 
-def iter_batches(examples: list[Example], max_tokens: int, max_batch: int) -> Iterator[list[Example]]:
-    """Group examples of similar length (sorted by length) into batches under a token budget."""
-    order = sorted(examples, key=lambda e: len(e.input_ids))
-    batch: list[Example] = []
+def cut_batches(items: list, lengths: list[int], batch_size: int | None, max_tokens: int | None) -> Iterator[list]:
+    """Consecutive batches of length-sorted items, each closed when it holds `batch_size` items or
+    when one more would exceed `max_tokens` padded tokens (either limit may be None; an item longer
+    than `max_tokens` forms a batch of its own)."""
+    batch: list = []
     longest = 0
-    for ex in order:
-        longest_if = max(longest, len(ex.input_ids))
-        if batch and (longest_if * (len(batch) + 1) > max_tokens or len(batch) >= max_batch):
+    for item, n in zip(items, lengths):
+        longest_if = max(longest, n)
+        full = (batch_size is not None and len(batch) >= batch_size) or (
+            max_tokens is not None and longest_if * (len(batch) + 1) > max_tokens
+        )
+        if batch and full:
             yield batch
-            batch, longest_if = [], len(ex.input_ids)
-        batch.append(ex)
+            batch, longest_if = [], n
+        batch.append(item)
         longest = longest_if
     if batch:
         yield batch
+
+
+def iter_batches(examples: list[Example], max_tokens: int, max_batch: int) -> Iterator[list[Example]]:
+    """Examples sorted by length, in batches of at most `max_batch` and `max_tokens` padded tokens."""
+    order = sorted(examples, key=lambda e: len(e.input_ids))
+    return cut_batches(order, [len(e.input_ids) for e in order], max_batch, max_tokens)

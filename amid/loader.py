@@ -32,8 +32,9 @@ import pyarrow.parquet as pq
 import torch
 
 from amid.cache import Cache, CacheError
+from amid.data import cut_batches
 
-__all__ = ["ShardMeta", "Position", "Plan", "Loader", "scan", "split", "cut_batches", "collate", "POOL_BATCHES"]
+__all__ = ["ShardMeta", "Position", "Plan", "Loader", "scan", "split", "collate", "POOL_BATCHES"]
 
 POOL_BATCHES = 64  # length sorting happens inside pools of this many batches
 
@@ -123,6 +124,8 @@ class Plan:
         self.seed = seed
         self.batch_size = batch_size
         self.max_tokens = max_tokens
+        # Batches are a number of sequences, or (with max_tokens) a budget of padded tokens.
+        self._batch_limit = None if max_tokens else batch_size
         self.shuffle_buffer = max(1, shuffle_buffer)
         self._cache: dict[int, list[tuple[list[int], list[Batch]]]] = {}
         self.examples = int(sum(len(r) for r in rows))
@@ -170,7 +173,7 @@ class Plan:
             order = np.argsort(lengths[chunk], kind="stable")
             sorted_items = [(int(s), int(r)) for s, r in items[chunk][order]]
             sorted_lengths = lengths[chunk][order].tolist()
-            batches.extend(cut_batches(sorted_items, sorted_lengths, self.batch_size, self.max_tokens))
+            batches.extend(cut_batches(sorted_items, sorted_lengths, self._batch_limit, self.max_tokens))
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def after(self, pos: Position) -> Position:
@@ -181,23 +184,6 @@ class Plan:
         if pos.window + 1 < len(windows):
             return Position(pos.epoch, pos.window + 1, 0)
         return Position(pos.epoch + 1, 0, 0)
-
-
-def cut_batches(items: list, lengths: list[int], batch_size: int, max_tokens: int | None) -> Iterator[list]:
-    """Consecutive batches of length-sorted items: `batch_size` sequences, or (with `max_tokens`)
-    as many as fit in `max_tokens` padded tokens (a longer example forms a batch of its own)."""
-    batch: list = []
-    longest = 0
-    for item, n in zip(items, lengths):
-        longest_if = max(longest, n)
-        full = len(batch) >= batch_size if max_tokens is None else longest_if * (len(batch) + 1) > max_tokens
-        if batch and full:
-            yield batch
-            batch, longest_if = [], n
-        batch.append(item)
-        longest = longest_if
-    if batch:
-        yield batch
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

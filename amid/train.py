@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 
 from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
-from amid.loader import Loader, Plan, Position, collate, cut_batches, scan, split
+from amid.data import cut_batches
+from amid.loader import Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.teacher import resolve_device, resolve_dtype, tokenizer_identity
 
@@ -406,7 +407,8 @@ def _eval_batches(cache: Cache, rows: list[np.ndarray], metas, cfg: TrainConfig,
                 examples.append(ex)
                 lengths.append(int(metas[s].lengths[i]))
     order = np.argsort(lengths, kind="stable")
-    groups = cut_batches([examples[i] for i in order], [lengths[i] for i in order], cfg.batch_size, cfg.max_tokens)
+    groups = cut_batches([examples[i] for i in order], [lengths[i] for i in order],
+                         None if cfg.max_tokens else cfg.batch_size, cfg.max_tokens)
     return [collate(g, pad_id) for g in groups]
 
 
