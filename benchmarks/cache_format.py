@@ -136,17 +136,22 @@ def bigram_teacher(vocab: str, max_positions: int = 16384, seed: int = 0) -> dic
 # Sizes
 
 
+def add_examples(writer: ShardWriter, t: dict, id_offset: int) -> None:
+    """Add every example of teacher rows `t` to `writer`, example ids shifted by `id_offset`."""
+    a = 0
+    for ex_id, input_ids, positions in t["examples"]:
+        b = a + len(positions)
+        writer.add(id_offset + ex_id, input_ids, positions, t["ids"][a:b], t["lps"][a:b], t["tail"][a:b])
+        a = b
+
+
 def _write_shards(directory: Path, t: dict[str, Any], copies: int = 1) -> list[Path]:
     """Write the teacher rows through the real ShardWriter (one shard per copy)."""
     files = []
     n_ex = len(t["examples"])
     for c in range(copies):
         w = ShardWriter(directory, c, t["V"], TOP_K)
-        a = 0
-        for ex_id, input_ids, positions in t["examples"]:
-            b = a + len(positions)
-            w.add(c * n_ex + ex_id, input_ids, positions, t["ids"][a:b], t["lps"][a:b], t["tail"][a:b])
-            a = b
+        add_examples(w, t, c * n_ex)
         rec = w.close()
         files.append(directory / rec.file)
     return files
@@ -410,11 +415,7 @@ def _decode_cache(t: dict[str, Any], directory: Path, min_positions: int = 100_0
     n_ex = len(t["examples"])
     for c in range(copies):
         w = ShardWriter(directory, c, t["V"], TOP_K)
-        a = 0
-        for ex_id, input_ids, positions in t["examples"]:
-            b = a + len(positions)
-            w.add(c * n_ex + ex_id, input_ids, positions, t["ids"][a:b], t["lps"][a:b], t["tail"][a:b])
-            a = b
+        add_examples(w, t, c * n_ex)
         progress.add(w.close())
     assert finalize(directory, header, copies, {}) is not None
     return directory

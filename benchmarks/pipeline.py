@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.cache_format import measure_decode_rate
+from benchmarks.cache_format import add_examples, measure_decode_rate
 from amid.cache import Progress, ShardWriter, finalize, make_header, open_cache
 from amid.loader import Loader, Plan, scan, split
 from amid.losses import LossConfig
@@ -193,11 +193,7 @@ def write_cache(directory: Path, t: dict[str, Any], k: int, copies: int) -> dict
     for c in range(copies):
         w = ShardWriter(directory, c, t["V"], k)
         t0 = time.perf_counter()
-        a = 0
-        for ex_id, input_ids, pos in t["examples"]:
-            b = a + len(pos)
-            w.add(c * n_ex + ex_id, input_ids, pos, t["ids"][a:b], t["lps"][a:b], t["tail"][a:b])
-            a = b
+        add_examples(w, t, c * n_ex)
         t1 = time.perf_counter()
         rec = w.close()
         t2 = time.perf_counter()
