@@ -79,9 +79,11 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
 def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", response_field: str = "response",
                    limit: int | None = None, seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
                    temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu",
-                   save_to: str | Path | None = None) -> dict[str, Any]:
+                   save_to: str | Path | None = None, chat: bool = False) -> dict[str, Any]:
     """Sample a response per prompt for each seed; ROUGE-L F1 against the reference, averaged
-    over examples then over seeds (the papers' protocol). Generations are saved as JSONL."""
+    over examples then over seeds (the papers' protocol). Generations are saved as JSONL.
+    With `chat`, each prompt is a user turn through the tokenizer's chat template (as training
+    with `--template chat` saw it)."""
     records = load_records(source, limit=limit)
     if response_field not in records[0] and "output" in records[0]:
         response_field = "output"
@@ -98,7 +100,7 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
         torch.manual_seed(seed)
         scores = []
         for prompt, ref in zip(prompts, refs):
-            enc = tokenizer(prompt, return_tensors="pt").to(device)
+            enc = _encode_prompt(tokenizer, prompt, chat).to(device)
             out = model.generate(
                 **enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                 top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
@@ -115,6 +117,15 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     mean = sum(per_seed) / len(per_seed)
     return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "examples": len(prompts)}
+
+
+def _encode_prompt(tokenizer, prompt: str, chat: bool):
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)
 
 
 @dataclass(frozen=True)
@@ -158,7 +169,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         save = Path(cfg.out) / "generations.jsonl" if cfg.out else None
         result.update(generate_rouge(model, tokenizer, cfg.data, cfg.prompt_field, cfg.response_field,
                                      limit=cfg.rouge_limit or cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
-                                     device=device, save_to=save))
+                                     device=device, save_to=save, chat=cfg.template == "chat"))
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

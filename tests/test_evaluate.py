@@ -39,3 +39,19 @@ def test_matches_rouge_score_package():
     ]
     for pred, ref in pairs:
         assert rouge_l(pred, ref) == pytest.approx(scorer.score(ref, pred)["rougeL"].fmeasure, abs=1e-12)
+
+
+def test_chat_prompts_go_through_the_chat_template():
+    from helpers import CHATML_TEMPLATE, train_tokenizer
+
+    from amid.data import DataError
+    from amid.evaluate import _encode_prompt
+
+    tok = train_tokenizer(chat_template=CHATML_TEMPLATE)
+    chat = tok.decode(_encode_prompt(tok, "Name a color.", chat=True)["input_ids"][0])
+    assert chat.startswith("<|im_start|>user") and "Name a color." in chat
+    assert chat.rstrip().endswith("<|im_start|>assistant")
+    plain = tok.decode(_encode_prompt(tok, "Name a color.", chat=False)["input_ids"][0])
+    assert plain == "Name a color."
+    with pytest.raises(DataError, match="chat template"):
+        _encode_prompt(train_tokenizer(), "x", chat=True)
