@@ -585,7 +585,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.max_steps is not None:
         total_steps, loader_epochs = cfg.max_steps, None
     else:
-        total_steps, loader_epochs = math.ceil(cfg.epochs * plan.batches_per_epoch / cfg.grad_accum), cfg.epochs
+        # Each epoch's plan is its own (with --max-tokens the number of batches varies a little).
+        batches = sum(sum(len(b) for _, b in plan.epoch(e)) for e in range(cfg.epochs))
+        total_steps, loader_epochs = math.ceil(batches / cfg.grad_accum), cfg.epochs
 
     if resume_state is not None and resume_state["step"] >= total_steps:
         log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
