@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, load_records
+from amid.loader import pad_right
 
 __all__ = ["rouge_l", "rouge_tokens", "perplexity", "generate_rouge", "EvalConfig", "evaluate"]
 
@@ -59,12 +60,7 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
     model.eval()
     for i in range(0, len(examples), batch_size):
         batch = examples[i: i + batch_size]
-        longest = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, e in enumerate(batch):
-            ids[j, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[j, : len(e.input_ids)] = 1
+        ids, mask = pad_right([e.input_ids for e in batch], 0)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for j, e in enumerate(batch):
             pos = torch.tensor(e.positions, device=logits.device)

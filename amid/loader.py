@@ -34,7 +34,7 @@ import torch
 from amid.cache import Cache, CacheError
 from amid.data import cut_batches
 
-__all__ = ["ShardMeta", "Position", "Plan", "Loader", "scan", "split", "collate", "POOL_BATCHES"]
+__all__ = ["ShardMeta", "Position", "Plan", "Loader", "scan", "split", "pad_right", "collate", "POOL_BATCHES"]
 
 POOL_BATCHES = 64  # length sorting happens inside pools of this many batches
 
@@ -186,6 +186,17 @@ class Plan:
         return Position(pos.epoch + 1, 0, 0)
 
 
+def pad_right(sequences: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, T] int64 input_ids and attention_mask of token sequences (lists or tensors)."""
+    longest = max(len(x) for x in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for b, x in enumerate(sequences):
+        input_ids[b, : len(x)] = torch.as_tensor(x)
+        mask[b, : len(x)] = 1
+    return input_ids, mask
+
+
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded inputs and the flattened target rows of a list of cache examples.
 
@@ -193,15 +204,9 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     whose logits predict input_ids[b, t + 1]); targets [N]; topk_ids / topk_logprobs [N, k];
     tail_logmass [N]; tokens (real, unpadded tokens in the batch).
     """
-    longest = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    rows = []
-    for b, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[b, :n] = e["input_ids"]
-        mask[b, :n] = 1
-        rows.append(e["positions"] + b * longest)
+    input_ids, mask = pad_right([e["input_ids"] for e in examples], pad_id)
+    longest = input_ids.shape[1]
+    rows = [e["positions"] + b * longest for b, e in enumerate(examples)]
     rows_t = torch.cat(rows)
     return {
         "input_ids": input_ids,

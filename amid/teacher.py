@@ -30,6 +30,7 @@ from amid.cache import (
     progress_name,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
+from amid.loader import pad_right
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
            "resolve_dtype"]
@@ -272,13 +273,8 @@ def _examples_digest(examples: list[Example]) -> str:
 @torch.no_grad()
 def _forward(model, batch: list[Example], k: int, temperature: float, device: torch.device, tokenizer):
     """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
-    longest = max(len(e.input_ids) for e in batch)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for i, e in enumerate(batch):
-        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[i, : len(e.input_ids)] = 1
+    input_ids, mask = pad_right([e.input_ids for e in batch], pad)
     logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
     # Every target row of the batch at once: one top-k, one device-to-host copy per batch.
     batch_index = torch.cat([torch.full((len(e.positions),), i, dtype=torch.long) for i, e in enumerate(batch)])

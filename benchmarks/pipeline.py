@@ -478,7 +478,7 @@ def bench_step(meter, args, Row) -> list:
     # The cache side's targets: this teacher's own top-k (what cache_teacher would have stored).
     examples = [Example(example_id=i, input_ids=batch["input_ids"][i].tolist(), positions=list(range(size["seq"] - 1)))
                 for i in range(size["batch"])]
-    forward = _teacher_forward()
+    from amid.teacher import _forward as forward  # what cache_teacher runs per batch
     tmp = Path(tempfile.mkdtemp(prefix="amid-bench-step-"))
     writer = ShardWriter(tmp, 0, v, TOP_K)
     pad = type("Tok", (), {"pad_token_id": 0})()
@@ -543,30 +543,6 @@ def bench_step(meter, args, Row) -> list:
     del student, teacher
     _free(dev)
     return rows
-
-
-def _teacher_forward():
-    """`amid.teacher._forward` (what cache_teacher runs per batch) if present, else a copy of it."""
-    import amid.teacher as T
-
-    fn = getattr(T, "_forward", None)
-    if fn is not None:
-        return fn
-
-    @torch.no_grad()
-    def forward(model, batch, k, temperature, device, tokenizer):
-        longest = max(len(e.input_ids) for e in batch)
-        ids = torch.zeros((len(batch), longest), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(batch):
-            ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[i, : len(e.input_ids)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for i, e in enumerate(batch):
-            i_, l_, t_ = teacher_topk(logits[i, torch.tensor(e.positions, device=device)], k, temperature)
-            yield i_.cpu().numpy(), l_.cpu().numpy(), t_.cpu().numpy().astype(np.float32)
-
-    return forward
 
 
 def _free(device: torch.device) -> None:
