@@ -2,25 +2,31 @@
 
 This module knows Arrow and files, nothing of models or training.
 
-Layout of a cache directory:
+Layout of a cache directory (format version 2):
 
-    manifest.json                 written last, atomically: the cache is complete when it exists
-    progress-rank{R}.json         per-rank list of finished shards (resume state), kept afterwards
-    shards/shard-{J:06d}.parquet  one row per example; J is the shard's task number
+    manifest.json                   written last, atomically: the cache is complete when it exists
+    progress-rank{R}.json           per-rank list of finished shards (resume state), kept afterwards
+    examples/shard-{J:06d}.parquet  one row per example; J is the shard's task number
+    topk/shard-{J:06d}.parquet      one row per (target position, rank) of the same examples
 
-`pyarrow.dataset.dataset("CACHE/shards")` or `datasets.load_dataset("parquet", data_dir="CACHE/shards")`
-read it directly (temporary files start with "." and are ignored by both).
+A shard is the pair of files with the same J. `examples` columns: `example_id` int64, `input_ids`
+list<int32>, `positions` list<int32> (P values), `tail_logmass` list<float32> (P values),
+`topk_row` int64. `topk` columns: `topk_id` uint16|uint32, `topk_logprob` float16. An example's
+P·k top-k rows are rows [topk_row, topk_row + P·k) of the topk file: position by position, each
+position's k ids ascending.
 
-Row schema (one example): `example_id` int64, `input_ids` list<int32>, `positions` list<int32>,
-`topk_ids` list<uint16|uint32> (P·k values, each position's k ids sorted ascending),
-`topk_logprobs` list<float16> (aligned with topk_ids), `tail_logmass` list<float32> (P values).
-Any Parquet reader (pyarrow, datasets, DuckDB, Spark) reads the shards; reshape the flat top-k
-columns by the manifest's `k`.
+Why two files: Parquet decodes list columns value by value through repetition levels, which cost
+about as much as the rest of the read; the top-k values (k per position, 99 % of the data) are
+flat columns here, so they decode as fast as plain arrays, and any Parquet reader (pyarrow,
+datasets, DuckDB, Spark, Ray) still reads both: `pyarrow.dataset.dataset("CACHE/topk")`,
+`datasets.load_dataset("parquet", data_dir="CACHE/examples")` (temporary files start with "."
+and are ignored by both).
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -32,6 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -40,22 +47,32 @@ from amid.codec import LOGPROB_MANTISSA_BITS, encode_topk, id_dtype
 __all__ = ["CacheError", "Cache", "open_cache", "ShardWriter", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "amid-topk-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+PARTS = ("examples", "topk")  # the two files of a shard, by directory
 ZSTD_LEVEL = 9
 # Large data pages: zstd sees more of each column at once (≈4 % smaller at k = 64, no slower to read).
 DATA_PAGE_SIZE = 8 << 20
+# pyarrow ≥ 21 also cuts pages every 20,000 rows by default, which makes the flat top-k columns
+# ≈ 17 % larger; older versions cut by size only.
+PAGE_ROWS = {"max_rows_per_page": 1 << 30} if "max_rows_per_page" in inspect.signature(pq.write_table).parameters else {}
 
 
 class CacheError(RuntimeError):
     """A cache that is missing, incomplete, damaged or used with the wrong model."""
 
 
-SHARD_DIR = "shards"
+def shard_files(task: int) -> dict[str, str]:
+    """The relative paths of shard `task`'s files, by part."""
+    return {part: f"{part}/shard-{task:06d}.parquet" for part in PARTS}
 
 
-def shard_name(task: int) -> str:
-    return f"{SHARD_DIR}/shard-{task:06d}.parquet"
+def temporary_files(directory: Path) -> Iterator[tuple[Path, int | None]]:
+    """Temporary shard files left by killed writers, with their task number (None if unreadable)."""
+    for part in PARTS:
+        for f in Path(directory).glob(f"{part}/.shard-*.tmp-*"):
+            task = f.name[len(".shard-"):].split(".", 1)[0]
+            yield f, int(task) if task.isdigit() else None
 
 
 def progress_name(rank: int) -> str:
@@ -95,28 +112,39 @@ def fsync_dir(path: Path) -> None:
 # Writing
 
 
-def _schema(vocab_size: int) -> pa.Schema:
+def _list(value_type: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("element", value_type, nullable=False))
+
+
+def schemas(vocab_size: int) -> dict[str, pa.Schema]:
+    """The Arrow schema of each part of a shard. Nothing is nullable (it also decodes faster)."""
     id_type = pa.uint16() if id_dtype(vocab_size) == np.uint16 else pa.uint32()
-    return pa.schema(
-        [
-            ("example_id", pa.int64()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("positions", pa.list_(pa.int32())),
-            ("topk_ids", pa.list_(id_type)),
-            ("topk_logprobs", pa.list_(pa.float16())),
-            ("tail_logmass", pa.list_(pa.float32())),
-        ]
-    )
+    return {
+        "examples": pa.schema([
+            pa.field("example_id", pa.int64(), nullable=False),
+            pa.field("input_ids", _list(pa.int32()), nullable=False),
+            pa.field("positions", _list(pa.int32()), nullable=False),
+            pa.field("tail_logmass", _list(pa.float32()), nullable=False),
+            pa.field("topk_row", pa.int64(), nullable=False),
+        ]),
+        "topk": pa.schema([
+            pa.field("topk_id", id_type, nullable=False),
+            pa.field("topk_logprob", pa.float16(), nullable=False),
+        ]),
+    }
+
+
+# Byte-stream split (bytes regrouped into planes before zstd) on the value columns it shrinks.
+_SPLIT_COLUMNS = {"examples": ["tail_logmass.list.element"], "topk": ["topk_id", "topk_logprob"]}
 
 
 @dataclass
 class ShardRecord:
     task: int
-    file: str
     examples: int
     positions: int
-    bytes: int
-    sha256: str
+    bytes: int  # both files
+    files: dict[str, dict[str, Any]]  # part -> {"file": relative path, "bytes", "sha256"}
     tail_mass_sum: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,49 +188,61 @@ class ShardWriter:
         self._positions += p
         self._tail_mass += float(np.exp(tail.astype(np.float64)).sum())
 
-    def close(self) -> ShardRecord:
-        """Write the shard (temporary name, fsync, rename) and return its record."""
-        self._rows.sort(key=lambda r: r[0])
-        schema = _schema(self.vocab_size)
-        columns = []
-        for i, field in enumerate(schema):
-            if i == 0:
-                columns.append(pa.array([r[0] for r in self._rows], pa.int64()))
-                continue
-            parts = [r[i] for r in self._rows]
+    def tables(self) -> dict[str, pa.Table]:
+        """The shard's two tables (examples in example_id order), as they will be written."""
+        rows = sorted(self._rows, key=lambda r: r[0])
+        schema = schemas(self.vocab_size)
+        n_pos = np.array([len(r[2]) for r in rows], np.int64)
+        topk_row = np.zeros(len(rows), np.int64)
+        np.cumsum(n_pos[:-1] * self.k, out=topk_row[1:])
+
+        def lists(i: int, field: pa.Field) -> pa.Array:
+            parts = [r[i] for r in rows]
             offsets = np.zeros(len(parts) + 1, np.int32)
             np.cumsum([len(x) for x in parts], out=offsets[1:])
             values = np.concatenate(parts) if parts else np.zeros(0, field.type.value_type.to_pandas_dtype())
-            columns.append(
-                pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, field.type.value_type))
-            )
-        table = pa.Table.from_arrays(columns, schema=schema)
-        buf = io.BytesIO()
-        pq.write_table(
-            table,
-            buf,
-            compression="zstd",
-            compression_level=ZSTD_LEVEL,
-            use_dictionary=False,
-            use_byte_stream_split=["topk_ids.list.element", "topk_logprobs.list.element",
-                                   "tail_logmass.list.element"],
-            row_group_size=max(len(self._rows), 1),
-            data_page_size=DATA_PAGE_SIZE,
+            return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, field.type.value_type),
+                                            type=field.type)
+
+        ex = schema["examples"]
+        examples = pa.Table.from_arrays(
+            [pa.array([r[0] for r in rows], pa.int64()), lists(1, ex.field("input_ids")),
+             lists(2, ex.field("positions")), lists(5, ex.field("tail_logmass")), pa.array(topk_row, pa.int64())],
+            schema=ex,
         )
-        data = buf.getvalue()
-        name = shard_name(self.task)
-        final = self.directory / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+        tk = schema["topk"]
+        flat = [np.concatenate([r[i] for r in rows]) if rows else np.zeros(0, f.type.to_pandas_dtype())
+                for i, f in ((3, tk.field("topk_id")), (4, tk.field("topk_logprob")))]
+        topk = pa.Table.from_arrays([pa.array(flat[0], tk.field("topk_id").type),
+                                     pa.array(flat[1], pa.float16())], schema=tk)
+        return {"examples": examples, "topk": topk}
+
+    def close(self) -> ShardRecord:
+        """Write the shard's files (each: temporary name, fsync, rename) and return its record.
+        The record, written to the progress file by the caller, is what makes the shard count."""
+        files: dict[str, dict[str, Any]] = {}
+        for part, table in self.tables().items():
+            buf = io.BytesIO()
+            pq.write_table(
+                table, buf, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=False,
+                use_byte_stream_split=_SPLIT_COLUMNS[part], row_group_size=max(table.num_rows, 1),
+                data_page_size=DATA_PAGE_SIZE, **PAGE_ROWS,
+            )
+            data = buf.getvalue()
+            name = shard_files(self.task)[part]
+            final = self.directory / name
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            files[part] = {"file": name, "bytes": len(data), "sha256": sha256_bytes(data)}
         return ShardRecord(
-            task=self.task, file=name, examples=len(self._rows), positions=self._positions,
-            bytes=len(data), sha256=sha256_bytes(data), tail_mass_sum=self._tail_mass,
+            task=self.task, examples=len(self._rows), positions=self._positions,
+            bytes=sum(f["bytes"] for f in files.values()), files=files, tail_mass_sum=self._tail_mass,
         )
 
 
@@ -218,9 +258,8 @@ class Progress:
             if state.get("fingerprint") != header["fingerprint"]:
                 raise CacheError(mismatch_message(Path(directory), state.get("header", {}), header))
             for rec in state.get("shards", []):
-                f = Path(directory) / rec["file"]
                 # A shard listed but missing or of the wrong size is redone, not trusted.
-                if f.exists() and f.stat().st_size == rec["bytes"]:
+                if _present(Path(directory), rec):
                     self.shards[rec["task"]] = rec
 
     def add(self, record: ShardRecord) -> None:
@@ -243,10 +282,21 @@ def finished_tasks(directory: Path, header: dict[str, Any]) -> set[int]:
         if state.get("fingerprint") != header["fingerprint"]:
             raise CacheError(f"{p}: belongs to a different cache run; delete it")
         for rec in state.get("shards", []):
-            f = Path(directory) / rec["file"]
-            if f.exists() and f.stat().st_size == rec["bytes"]:
+            if _present(Path(directory), rec):
                 done.add(rec["task"])
     return done
+
+
+def _present(directory: Path, record: dict[str, Any]) -> bool:
+    """Every file of a shard record exists with the recorded size."""
+    files = record.get("files")
+    if not isinstance(files, dict) or set(files) != set(PARTS):
+        return False
+    for meta in files.values():
+        f = directory / meta["file"]
+        if not f.exists() or f.stat().st_size != meta["bytes"]:
+            return False
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -257,6 +307,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    if old.get("format_version") != new.get("format_version"):
+        return (f"{directory} holds a cache in format version {old.get('format_version')}, this amid writes "
+                f"version {new.get('format_version')}; choose another --out directory or delete that one")
     diffs = [key for key in ("teacher", "tokenizer", "k", "temperature", "data") if old.get(key) != new.get(key)]
     what = ", ".join(diffs) if diffs else "settings"
     return (
@@ -303,7 +356,7 @@ def finalize(directory: Path, header: dict[str, Any], num_tasks: int, extra: dic
             "mean_tail_mass": (sum(r["tail_mass_sum"] for r in records) / positions) if positions else 0.0,
             **extra.get("counts", {}),
         },
-        "shards": [{k: r[k] for k in ("file", "examples", "positions", "bytes", "sha256")} for r in records],
+        "shards": [{k: r[k] for k in ("task", "examples", "positions", "bytes", "files")} for r in records],
         **{k: v for k, v in extra.items() if k != "counts"},
         "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -317,16 +370,17 @@ def make_header(
 ) -> dict[str, Any]:
     """The identity of a cache: everything that makes two caches interchangeable or not."""
     identity = {"teacher": teacher, "tokenizer": tokenizer, "k": k, "temperature": temperature, "data": data}
-    fingerprint = sha256_bytes(json.dumps(identity, sort_keys=True, default=str).encode())
+    fingerprint = sha256_bytes(json.dumps({"format_version": FORMAT_VERSION, **identity}, sort_keys=True,
+                                          default=str).encode())
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         **identity,
         "vocab_size": vocab_size,
         "encoding": {
-            "topk_ids": f"{id_dtype(vocab_size).name}, k per position, sorted ascending",
-            "topk_logprobs": f"float16 with {LOGPROB_MANTISSA_BITS} mantissa bits (round-to-nearest-even "
-                             f"from float32), aligned with topk_ids",
+            "topk_id": f"{id_dtype(vocab_size).name}, k rows per position, ids ascending",
+            "topk_logprob": f"float16 with {LOGPROB_MANTISSA_BITS} mantissa bits (round-to-nearest-even "
+                            f"from float32), aligned with topk_id",
             "tail_logmass": "float32, log(1 - sum of top-k probabilities) from the full float32 logits",
             "compression": f"parquet zstd level {ZSTD_LEVEL}, byte-stream split on value columns",
         },
@@ -358,11 +412,13 @@ class Cache:
         self.manifest: dict[str, Any] = _read_json(manifest_path)
         if self.manifest.get("format") != FORMAT:
             raise CacheError(f"{manifest_path}: not an amid cache manifest")
-        if self.manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise CacheError(
-                f"{manifest_path}: format version {self.manifest['format_version']} is newer than this "
-                f"amid understands ({FORMAT_VERSION}); upgrade amid"
-            )
+        version = self.manifest.get("format_version", 0)
+        if version > FORMAT_VERSION:
+            raise CacheError(f"{manifest_path}: format version {version} is newer than this amid understands "
+                             f"({FORMAT_VERSION}); upgrade amid")
+        if version < FORMAT_VERSION:
+            raise CacheError(f"{manifest_path}: format version {version} was written by an older amid; this one "
+                             f"reads version {FORMAT_VERSION}: recreate the cache with `amid cache-teacher`")
         self.k: int = int(self.manifest["k"])
         self.verify = verify
 
@@ -377,10 +433,14 @@ class Cache:
     def num_positions(self) -> int:
         return int(self.manifest["counts"]["positions"])
 
-    def read_shard_table(self, index: int) -> pa.Table:
-        """The shard's Arrow table, its checksum checked (if `verify`)."""
-        info = self.shards[index]
-        f = self.path / info["file"]
+    def shard_path(self, index: int, part: str) -> Path:
+        """Path of one part ("examples" or "topk") of shard `index`."""
+        return self.path / self.shards[index]["files"][part]["file"]
+
+    def read_part(self, index: int, part: str) -> pa.Table:
+        """One part of a shard as an Arrow table, its checksum checked (if `verify`)."""
+        meta = self.shards[index]["files"][part]
+        f = self.path / meta["file"]
         try:
             # Read into Arrow-owned memory, not a Python bytes object: Parquet decoding may release
             # its last reference to the input buffer on a pyarrow worker thread, and releasing a
@@ -391,9 +451,9 @@ class Cache:
         except OSError as exc:
             reason = exc.strerror or str(exc).splitlines()[0]
             raise CacheError(f"shard {f}: cannot be read ({reason}); the cache is damaged, recreate it") from None
-        if len(data) != info["bytes"] or (self.verify and sha256_bytes(data) != info["sha256"]):
+        if len(data) != meta["bytes"] or (self.verify and sha256_bytes(data) != meta["sha256"]):
             raise CacheError(
-                f"shard {f}: checksum mismatch ({len(data)} bytes, manifest says {info['bytes']}); the "
+                f"shard {f}: checksum mismatch ({len(data)} bytes, manifest says {meta['bytes']}); the "
                 f"shard is damaged or altered — recreate the cache (or rerun cache-teacher into a new --out)"
             )
         try:
@@ -403,30 +463,35 @@ class Cache:
 
     def iter_shard(self, index: int) -> Iterator[dict[str, Any]]:
         """Examples of one shard, in example_id order."""
-        yield from decode_table(self.read_shard_table(index), self.k)
+        yield from decode_shard(self.read_part(index, "examples"), self.read_part(index, "topk"), self.k)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self.shards)):
             yield from self.iter_shard(i)
 
     def check(self) -> dict[str, Any]:
-        """Full verification: every shard's checksum, schema and counts. Raises CacheError."""
+        """Full verification: every shard's checksums, schemas and counts. Raises CacheError."""
+        expected = schemas(int(self.manifest["vocab_size"]))
         examples = positions = 0
         for i, info in enumerate(self.shards):
-            table = self.read_shard_table(i)
-            f = self.path / info["file"]
-            expected = _schema(int(self.manifest["vocab_size"]))
-            if not table.schema.equals(expected):
-                raise CacheError(f"shard {f}: schema {table.schema} differs from the format's")
-            n_pos = sum(len(x) for x in table.column("positions").to_pylist())
-            if table.num_rows != info["examples"] or n_pos != info["positions"]:
-                raise CacheError(f"shard {f}: holds {table.num_rows} examples / {n_pos} positions, manifest says "
-                                 f"{info['examples']} / {info['positions']}")
-            flat = table.column("topk_ids").combine_chunks().flatten()
-            if len(flat) != n_pos * self.k:
-                raise CacheError(f"shard {f}: {len(flat)} top-k ids for {n_pos} positions at k={self.k}")
-            examples += table.num_rows
-            positions += n_pos
+            tables = {part: self.read_part(i, part) for part in PARTS}
+            for part, table in tables.items():
+                if not table.schema.equals(expected[part]):
+                    raise CacheError(f"shard {self.shard_path(i, part)}: schema {table.schema} differs from the format's")
+            ex, f = tables["examples"], self.shard_path(i, "examples")
+            n_pos = pc.list_value_length(ex.column("positions")).to_numpy().astype(np.int64)
+            n_tail = pc.list_value_length(ex.column("tail_logmass")).to_numpy()
+            if ex.num_rows != info["examples"] or int(n_pos.sum()) != info["positions"]:
+                raise CacheError(f"shard {f}: holds {ex.num_rows} examples / {int(n_pos.sum())} positions, manifest "
+                                 f"says {info['examples']} / {info['positions']}")
+            rows = np.concatenate([[0], np.cumsum(n_pos * self.k)])
+            if not np.array_equal(n_tail, n_pos) or not np.array_equal(ex.column("topk_row").to_numpy(), rows[:-1]):
+                raise CacheError(f"shard {f}: tail_logmass lengths or topk_row do not match the positions")
+            if tables["topk"].num_rows != rows[-1]:
+                raise CacheError(f"shard {self.shard_path(i, 'topk')}: {tables['topk'].num_rows} top-k rows for "
+                                 f"{int(n_pos.sum())} positions at k={self.k}")
+            examples += ex.num_rows
+            positions += int(n_pos.sum())
         counts = self.manifest["counts"]
         if examples != counts["examples"] or positions != counts["positions"]:
             raise CacheError(f"{self.path}: shards hold {examples} examples / {positions} positions, manifest "
@@ -442,24 +507,26 @@ def _to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(values).to(dtype, copy=True)
 
 
-def decode_table(table: pa.Table, k: int) -> Iterator[dict[str, Any]]:
-    """Examples of a shard table as torch tensors (vectorised decode, then per-example views)."""
-    def flat(name: str) -> tuple[list[int], np.ndarray]:
-        col = table.column(name).combine_chunks()
+def _flat(column: pa.ChunkedArray) -> np.ndarray:
+    return (column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)).to_numpy(zero_copy_only=False)
+
+
+def decode_shard(examples: pa.Table, topk: pa.Table, k: int) -> Iterator[dict[str, Any]]:
+    """Examples of a shard's two tables as torch tensors (vectorised decode, then per-example views)."""
+    def lists(name: str) -> tuple[list[int], np.ndarray]:
+        col = examples.column(name).combine_chunks()
         return col.offsets.to_numpy().tolist(), col.values.to_numpy(zero_copy_only=False)
 
-    ex_ids = table.column("example_id").to_numpy().tolist()
-    in_off, in_val = flat("input_ids")
-    pos_off, pos_val = flat("positions")
-    _, id_val = flat("topk_ids")
-    _, lp_val = flat("topk_logprobs")
-    _, tail_val = flat("tail_logmass")
+    in_off, in_val = lists("input_ids")
+    pos_off, pos_val = lists("positions")
+    _, tail_val = lists("tail_logmass")
     input_ids = _to_torch(in_val, torch.int64)
     positions = _to_torch(pos_val, torch.int64)
-    topk_ids = _to_torch(id_val, torch.int64).view(-1, k)
-    topk_lp = _to_torch(lp_val, torch.float32).view(-1, k)
     tail = _to_torch(tail_val, torch.float32)
-    for i, ex_id in enumerate(ex_ids):
+    # Rows in the topk file follow the positions' order, k per position (checked by Cache.check).
+    topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int64).view(-1, k)
+    topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float32).view(-1, k)
+    for i, ex_id in enumerate(examples.column("example_id").to_numpy().tolist()):
         a, b = pos_off[i], pos_off[i + 1]
         yield {
             "example_id": ex_id,

@@ -51,8 +51,8 @@ def scan(cache: Cache) -> list[ShardMeta]:
     """Ids and lengths of every example, reading only two small columns of each shard (the
     checksums are verified when the loader reads the whole shard)."""
     metas = []
-    for info in cache.shards:
-        f = cache.path / info["file"]
+    for i in range(len(cache.shards)):
+        f = cache.shard_path(i, "examples")
         try:
             table = pq.read_table(f, columns=["example_id", "input_ids"])
         except (OSError, ValueError) as exc:  # missing file, not Parquet (ArrowInvalid is a ValueError)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from amid import __version__
 from amid.cache import (
     MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, make_header,
-    progress_name,
+    progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
 from amid.loader import pad_right
@@ -214,10 +214,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     if out.exists() and old is None and any(out.iterdir()):
         raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("shards/.shard-*.tmp-*"):  # left by a killed writer; never visible as a shard
+    for stale, task in temporary_files(out):  # left by a killed writer; never visible as a shard
         # Only this rank's tasks: another rank may be writing one of its shards right now.
-        task = stale.name[len(".shard-"):].split(".", 1)[0]
-        if not task.isdigit() or int(task) % world == rank:
+        if task is None or task % world == rank:
             stale.unlink(missing_ok=True)
     for stale in out.glob(f".{progress_name(rank)}.tmp-*"):  # this rank's progress file, killed mid-write
         stale.unlink(missing_ok=True)

@@ -8,9 +8,9 @@ whose tokenizer is absent is skipped with a message):
 1. Bytes per target position: the naive int32 ids + float32 log-probs + float32 tail layout
    (516 B raw, and zstd-compressed), the chosen format written by `amid.cache.ShardWriter` (the
    real shard files: Parquet, zstd 9, ids sorted and stored raw, float16 log-probs with 8
-   mantissa bits, exact float32 tail, byte-stream split), and rejected alternatives, each one
-   change away from the chosen format. "read" is the rate at which one thread turns the encoded
-   top-k columns back into NumPy arrays.
+   mantissa bits, exact float32 tail, byte-stream split, the top-k as flat columns of a second
+   file), and rejected alternatives, each one change away from the chosen format. "read" is the
+   rate at which one thread turns the encoded top-k and tail columns back into NumPy arrays.
 2. Precision: the sparse (k + 1)-bin loss and its gradient (w.r.t. the student logits, float64)
    with rounded log-probs against the same loss on the unrounded float32 values, for every
    preset in `amid.losses.PRESETS`. Bar: loss within 1e-3 relative, gradient cosine ≥ 0.9999.
@@ -44,7 +44,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import torch
 
-from amid.cache import DATA_PAGE_SIZE, ZSTD_LEVEL, ShardWriter, open_cache
+from amid.cache import PAGE_ROWS, DATA_PAGE_SIZE, ZSTD_LEVEL, ShardWriter, open_cache
 from amid.codec import LOGPROB_MANTISSA_BITS, id_dtype, round_logprobs
 from amid.data import TemplateConfig, build_examples
 from amid.losses import PRESETS, LossConfig, bins_loss, sparse_loss, student_bins, tail_weight_degree
@@ -145,16 +145,16 @@ def add_examples(writer: ShardWriter, t: dict, id_offset: int) -> None:
         a = b
 
 
-def _write_shards(directory: Path, t: dict[str, Any], copies: int = 1) -> list[Path]:
-    """Write the teacher rows through the real ShardWriter (one shard per copy)."""
-    files = []
+def _write_shards(directory: Path, t: dict[str, Any], copies: int = 1) -> list[dict[str, Path]]:
+    """Write the teacher rows through the real ShardWriter (one shard per copy); each shard's files by part."""
+    shards = []
     n_ex = len(t["examples"])
     for c in range(copies):
         w = ShardWriter(directory, c, t["V"], TOP_K)
         add_examples(w, t, c * n_ex)
         rec = w.close()
-        files.append(directory / rec.file)
-    return files
+        shards.append({part: directory / f["file"] for part, f in rec.files.items()})
+    return shards
 
 
 def _list_column(flat: np.ndarray, per_row: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -163,28 +163,50 @@ def _list_column(flat: np.ndarray, per_row: np.ndarray, typ: pa.DataType) -> pa.
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, typ))
 
 
-def _table(t: dict[str, Any], ids: np.ndarray, id_type, lps: np.ndarray, lp_type, tail: np.ndarray, tail_type) -> pa.Table:
-    """The shard row layout (one row per example) with the given top-k encodings."""
+def _tables(t: dict[str, Any], ids: np.ndarray, id_type, lps: np.ndarray, lp_type, one_file: bool = False,
+            nullable: bool = False) -> dict[str, pa.Table]:
+    """A shard's tables with the given top-k encodings: the format's two files (examples, topk),
+    or format 1's single file with the top-k as list columns (one row per example)."""
     n_pos = np.array([len(p) for _, _, p in t["examples"]])
-    return pa.table({
+    columns = {
         "example_id": pa.array([e for e, _, _ in t["examples"]], pa.int64()),
         "input_ids": _list_column(np.concatenate([np.asarray(i, np.int32) for _, i, _ in t["examples"]]),
                                   np.array([len(i) for _, i, _ in t["examples"]]), pa.int32()),
         "positions": _list_column(np.concatenate([np.asarray(p, np.int32) for _, _, p in t["examples"]]), n_pos, pa.int32()),
-        "topk_ids": _list_column(ids.reshape(-1), n_pos * TOP_K, id_type),
-        "topk_logprobs": _list_column(lps.reshape(-1), n_pos * TOP_K, lp_type),
-        "tail_logmass": _list_column(tail.reshape(-1), n_pos, tail_type),
-    })
+        "tail_logmass": _list_column(t["tail"].reshape(-1), n_pos, pa.float32()),
+    }
+    if one_file:
+        columns["topk_ids"] = _list_column(ids.reshape(-1), n_pos * TOP_K, id_type)
+        columns["topk_logprobs"] = _list_column(lps.reshape(-1), n_pos * TOP_K, lp_type)
+        table = pa.table(columns)
+        return {"shard": table if nullable else _required(table)}
+    columns["topk_row"] = pa.array(np.concatenate([[0], np.cumsum(n_pos * TOP_K)[:-1]]), pa.int64())
+    topk = pa.table({"topk_id": pa.array(ids.reshape(-1), id_type), "topk_logprob": pa.array(lps.reshape(-1), lp_type)})
+    tables = {"examples": pa.table(columns), "topk": topk}
+    return tables if nullable else {k: _required(v) for k, v in tables.items()}
 
 
-_VALUE_COLUMNS = ["topk_ids.list.element", "topk_logprobs.list.element", "tail_logmass.list.element"]
+def _required(table: pa.Table) -> pa.Table:
+    """The same table with every field (and list element) declared non-nullable, as the format does."""
+    def req(f: pa.Field) -> pa.Field:
+        typ = pa.list_(pa.field("element", f.type.value_type, nullable=False)) if pa.types.is_list(f.type) else f.type
+        return pa.field(f.name, typ, nullable=False)
+
+    return table.cast(pa.schema([req(f) for f in table.schema]))
+
+
+def _value_columns(table: pa.Table) -> list[str]:
+    """Parquet column paths of the value columns that get byte-stream split (not ids of the input)."""
+    names = {"topk_id", "topk_logprob", "topk_ids", "topk_logprobs", "tail_logmass"}
+    return [n + (".list.element" if pa.types.is_list(table.schema.field(n).type) else "")
+            for n in table.column_names if n in names]
 
 
 def _parquet(table: pa.Table, bss: bool = True, dictionary: bool = False) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", compression_level=ZSTD_LEVEL, use_dictionary=dictionary,
-                   use_byte_stream_split=_VALUE_COLUMNS if bss else False, row_group_size=max(table.num_rows, 1),
-                   data_page_size=DATA_PAGE_SIZE)
+                   use_byte_stream_split=_value_columns(table) if bss else False, row_group_size=max(table.num_rows, 1),
+                   data_page_size=DATA_PAGE_SIZE, **PAGE_ROWS)
     return buf.getvalue()
 
 
@@ -204,33 +226,40 @@ def _arrow_buffer(blob: bytes) -> pa.Buffer:
     return out.getvalue()
 
 
-def _read_rate(blob: bytes, fmt: str, positions: int, repeat: int = 5) -> float:
-    """Positions/s for one thread to decode the top-k columns of an encoded table into NumPy."""
-    buf = _arrow_buffer(blob)
+_TOPK_COLUMNS = ("topk_id", "topk_logprob", "topk_ids", "topk_logprobs", "tail_logmass")
+
+
+def _read_rate(blobs: dict[str, bytes], fmt: str, positions: int, repeat: int = 5) -> float:
+    """Positions/s for one thread to decode the top-k and tail columns of a shard's files into NumPy."""
+    bufs = [_arrow_buffer(b) for b in blobs.values()]
     best = math.inf
     for _ in range(repeat):
         t0 = time.perf_counter()
-        if fmt == "ipc":
-            table = ipc.open_file(pa.BufferReader(buf), options=ipc.IpcReadOptions(use_threads=False)).read_all()
-        else:
-            table = pq.read_table(pa.BufferReader(buf), use_threads=False,
-                                  columns=["topk_ids", "topk_logprobs", "tail_logmass"])
-        for name in ("topk_ids", "topk_logprobs", "tail_logmass"):
-            table.column(name).combine_chunks().values.to_numpy(zero_copy_only=False)
+        for buf in bufs:
+            if fmt == "ipc":
+                table = ipc.open_file(pa.BufferReader(buf), options=ipc.IpcReadOptions(use_threads=False)).read_all()
+            else:
+                wanted = [n for n in pq.ParquetFile(pa.BufferReader(buf)).schema_arrow.names if n in _TOPK_COLUMNS]
+                table = pq.read_table(pa.BufferReader(buf), use_threads=False, columns=wanted)
+            for name in table.column_names:
+                if name in _TOPK_COLUMNS:
+                    col = table.column(name).combine_chunks()
+                    (col.values if pa.types.is_list(col.type) else col).to_numpy(zero_copy_only=False)
+            del table
         best = min(best, time.perf_counter() - t0)
-        del table
     return positions / best
 
 
-def _column_bytes(blob: bytes) -> dict[str, float]:
-    meta = pq.ParquetFile(pa.BufferReader(_arrow_buffer(blob))).metadata
+def _column_bytes(blobs: dict[str, bytes]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for g in range(meta.num_row_groups):
-        rg = meta.row_group(g)
-        for c in range(rg.num_columns):
-            col = rg.column(c)
-            name = col.path_in_schema.split(".")[0]
-            out[name] = out.get(name, 0) + col.total_compressed_size
+    for blob in blobs.values():
+        meta = pq.ParquetFile(pa.BufferReader(_arrow_buffer(blob))).metadata
+        for g in range(meta.num_row_groups):
+            rg = meta.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                name = col.path_in_schema.split(".")[0]
+                out[name] = out.get(name, 0) + col.total_compressed_size
     return out
 
 
@@ -246,41 +275,43 @@ def size_table(t: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
     lp8 = round_logprobs(slp, LOGPROB_MANTISSA_BITS)
     rows: list[dict[str, Any]] = []
 
-    def add(name: str, blob: bytes | None, fmt: str, note: str, nbytes: float | None = None, read: bool = True):
-        size = len(blob) if blob is not None else nbytes
+    def add(name: str, blobs: dict[str, bytes] | None, fmt: str, note: str, nbytes: float | None = None):
+        size = sum(len(b) for b in blobs.values()) if blobs is not None else nbytes
         rows.append({
             "variant": name, "bytes_per_position": size / P, "note": note,
-            "read_pos_per_s": _read_rate(blob, fmt, P) if (blob is not None and read) else None,
+            "read_pos_per_s": _read_rate(blobs, fmt, P) if blobs is not None else None,
         })
 
     import zstandard
 
     naive_raw = ids.astype(np.int32).tobytes() + lps.astype(np.float32).tobytes() + tail.astype(np.float32).tobytes()
     add("naive int32 ids + float32 log-probs + float32 tail, raw", None, "", "4·64 + 4·64 + 4 = 516 B",
-        nbytes=len(naive_raw), read=False)
+        nbytes=len(naive_raw))
     add("naive, zstd 9 of the raw bytes", None, "", "general-purpose compression only",
-        nbytes=len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(naive_raw)), read=False)
-    add("naive, Parquet zstd 9 (default encodings)",
-        _parquet(_table(t, ids.astype(np.int32), pa.int32(), lps, pa.float32(), tail, pa.float32()), bss=False,
-                 dictionary=True), "parquet", "what pq.write_table(compression='zstd') gives")
+        nbytes=len(zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(naive_raw)))
+    naive = _tables(t, ids.astype(np.int32), pa.int32(), lps, pa.float32(), one_file=True, nullable=True)
+    add("naive, Parquet zstd 9 (default encodings)", {k: _parquet(v, bss=False, dictionary=True) for k, v in naive.items()},
+        "parquet", "what pq.write_table(compression='zstd') gives, one row per example")
 
     # The chosen format, through the real writer.
     shard_dir = Path(tempfile.mkdtemp(dir=workdir))
     (shard,) = _write_shards(shard_dir, t)
-    chosen = shard.read_bytes()
+    chosen = {part: f.read_bytes() for part, f in shard.items()}
     cols = _column_bytes(chosen)
-    topk_only = (cols["topk_ids"] + cols["topk_logprobs"] + cols["tail_logmass"]) / P
-    add(f"**chosen**: sorted {idt.name} ids, fp16 8-bit mantissa, f32 tail; Parquet zstd 9 + byte-stream split",
-        chosen, "parquet",
-        f"ids {cols['topk_ids'] / P:.1f} + log-probs {cols['topk_logprobs'] / P:.1f} + tail "
+    topk_only = (cols["topk_id"] + cols["topk_logprob"] + cols["tail_logmass"]) / P
+    add(f"**chosen**: sorted {idt.name} ids, fp16 8-bit mantissa, f32 tail; Parquet zstd 9 + byte-stream split, "
+        f"top-k in a flat file", chosen, "parquet",
+        f"ids {cols['topk_id'] / P:.1f} + log-probs {cols['topk_logprob'] / P:.1f} + tail "
         f"{cols['tail_logmass'] / P:.1f} B (top-k {topk_only:.1f}); the rest is input_ids/positions")
-    # Sanity: building the same table here reproduces the writer's bytes closely.
-    mine = _parquet(_table(t, sid.astype(idt), id_type, lp8, pa.float16(), tail, pa.float32()))
-    assert abs(len(mine) - len(chosen)) / len(chosen) < 0.02, (len(mine), len(chosen))
+    # Sanity: building the same tables here reproduces the writer's bytes closely.
+    mine = sum(len(_parquet(v)) for v in _tables(t, sid.astype(idt), id_type, lp8, pa.float16()).values())
+    total = sum(len(b) for b in chosen.values())
+    assert abs(mine - total) / total < 0.02, (mine, total)
 
-    def alt(name, note, ids_=sid.astype(idt), id_type_=id_type, lps_=lp8, lp_type=pa.float16(), bss=True, fmt="parquet"):
-        table = _table(t, ids_, id_type_, lps_, lp_type, tail, pa.float32())
-        add(name, _ipc(table) if fmt == "ipc" else _parquet(table, bss=bss), fmt, note)
+    def alt(name, note, ids_=sid.astype(idt), id_type_=id_type, lps_=lp8, lp_type=pa.float16(), bss=True,
+            fmt="parquet", one_file=False, nullable=False):
+        tables = _tables(t, ids_, id_type_, lps_, lp_type, one_file=one_file, nullable=nullable)
+        add(name, {k: _ipc(v) if fmt == "ipc" else _parquet(v, bss=bss) for k, v in tables.items()}, fmt, note)
 
     alt("log-probs float16, full 10-bit mantissa", "2 more bits nobody's loss can see",
         lps_=slp.astype(np.float16))
@@ -293,7 +324,10 @@ def size_table(t: dict[str, Any], workdir: Path) -> list[dict[str, Any]]:
     alt("sorted ids delta-coded", "barely smaller than raw sorted ids, and unreadable by other tools",
         ids_=delta)
     alt("without byte-stream split", "the byte planes are what zstd finds repetitive", bss=False)
-    alt("Arrow IPC (Feather v2) zstd 9 instead of Parquet", "no byte-stream split or page encodings in IPC",
+    alt("one file, top-k as list columns per example (format 1)", "same bytes; list levels halve the read rate",
+        one_file=True, nullable=True)
+    alt("one file, list columns declared non-nullable", "fewer levels to decode, still list-bound", one_file=True)
+    alt("Arrow IPC (Feather v2) zstd 9 instead of Parquet", "no byte-stream split in IPC; Spark and Ray read no IPC",
         fmt="ipc")
     return rows
 
@@ -386,8 +420,9 @@ def measure_decode_rate(cache_dir: str | Path, verify: bool = True, repeat: int 
     try:
         cache = open_cache(cache_dir, verify=verify)
         total = cache.num_positions
-        for s in cache.shards:
-            (Path(cache_dir) / s["file"]).read_bytes()
+        for i in range(len(cache.shards)):
+            for part in ("examples", "topk"):
+                cache.shard_path(i, part).read_bytes()
         best = math.inf
         for _ in range(repeat):
             t0 = time.perf_counter()

@@ -170,7 +170,7 @@ def test_padded_vocab_ids_use_uint16_and_tail_exact_with_k_near_vocab(teachers, 
     cache = open_cache(out)
     import pyarrow.parquet as pq
 
-    assert str(pq.read_schema(out / cache.shards[0]["file"]).field("topk_ids").type) == "list<element: uint16>"
+    assert str(pq.read_schema(cache.shard_path(0, "topk")).field("topk_id").type) == "uint16"
     for ex in cache:
         with torch.no_grad():
             ref = torch.log_softmax(model(ex["input_ids"][None]).logits[0].double(), -1)[ex["positions"]]
@@ -202,8 +202,13 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 
 def _visible_shards(out: Path) -> list[str]:
-    d = out / "shards"
-    return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.exists() else []
+    """Shard files visible to readers, as part/name."""
+    return sorted(f"{d.name}/{p.name}" for d in (out / "examples", out / "topk") if d.exists()
+                  for p in d.iterdir() if not p.name.startswith("."))
+
+
+def _temporaries(out: Path) -> list[Path]:
+    return [p for d in ("examples", "topk") for p in (out / d).glob(".*")]
 
 
 def test_resume_after_simulated_crash_in_process(teachers, data_files, tmp_path, monkeypatch):
@@ -231,25 +236,28 @@ def test_resume_after_simulated_crash_in_process(teachers, data_files, tmp_path,
                     return real_close(self)
                 if mode == "after_rename":
                     real_close(self)  # the shard is visible, its progress record is not written
+                elif mode == "between_files":  # one file of the pair renamed, the other not
+                    real_close(self)
+                    (self.directory / "examples" / f"shard-{self.task:06d}.parquet").unlink()
                 else:  # mid-write: a temporary file with partial content, no rename
-                    tmp = self.directory / "shards" / f".shard-{self.task:06d}.parquet.tmp-999999"
+                    tmp = self.directory / "topk" / f".shard-{self.task:06d}.parquet.tmp-999999"
                     tmp.parent.mkdir(parents=True, exist_ok=True)
                     tmp.write_bytes(b"PAR1 partial")
                 raise Killed()
 
         return W
 
-    for after, mode in [(2, "after_rename"), (3, "after_rename"), (2, "mid_write")]:
+    for after, mode in [(2, "after_rename"), (3, "between_files"), (3, "after_rename"), (2, "mid_write")]:
         monkeypatch.setattr(teacher_mod, "ShardWriter", crashing_writer(after, mode))
         with pytest.raises(Killed):
             run_cache(out=str(out), **kw)
         assert not (out / "manifest.json").exists()
         with pytest.raises(CacheError, match="incomplete"):
             open_cache(out)
-    assert list((out / "shards").glob(".shard-*.tmp-*")), "the simulated mid-write left a temporary file"
+    assert _temporaries(out), "the simulated mid-write left a temporary file"
     monkeypatch.setattr(teacher_mod, "ShardWriter", ShardWriter)
     run_cache(out=str(out), **kw)
-    assert not list((out / "shards").glob(".*")), "stale temporary shards are cleaned on resume"
+    assert not _temporaries(out), "stale temporary shards are cleaned on resume"
     assert_same_cache(out, ref)
     # Rerunning a complete cache is a no-op.
     before = (out / "manifest.json").read_bytes()
@@ -306,7 +314,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(teachers, tmp_path):
         log.close()
     assert killed_mid_run >= 3, "the kills should land while the run is in progress"
     # A stale temporary shard from a killed writer must not survive or be read.
-    stale = out / "shards" / ".shard-000003.parquet.tmp-424242"
+    stale = out / "examples" / ".shard-000003.parquet.tmp-424242"
     stale.write_bytes(b"garbage")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -319,13 +327,13 @@ def test_resume_after_sigkill_equals_uninterrupted_run(teachers, tmp_path):
 # Damaged shards
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_shard_is_refused_naming_it(gpt2_cache, tmp_path, damage):
+@pytest.mark.parametrize("damage,part", [("truncate", "topk"), ("flip", "topk"), ("flip", "examples")])
+def test_damaged_shard_is_refused_naming_it(gpt2_cache, tmp_path, damage, part):
     import shutil
 
     out = tmp_path / "cache"
     shutil.copytree(gpt2_cache, out)
-    victim = out / "shards" / "shard-000001.parquet"
+    victim = out / part / "shard-000001.parquet"
     data = bytearray(victim.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -337,11 +345,11 @@ def test_damaged_shard_is_refused_naming_it(gpt2_cache, tmp_path, damage):
     with pytest.raises(CacheError) as err:
         list(cache)
     msg = str(err.value)
-    assert "shard-000001.parquet" in msg and "\n" not in msg
-    with pytest.raises(CacheError, match="shard-000001.parquet"):
+    assert f"{part}/shard-000001.parquet" in msg and "\n" not in msg
+    with pytest.raises(CacheError, match=f"{part}/shard-000001.parquet"):
         cache.check()
 
-    if damage == "flip":  # the real command line once (exit status, stderr, a clean exit)
+    if damage == "flip" and part == "topk":  # the real command line once (exit status, stderr, a clean exit)
         res = subprocess.run([sys.executable, "-m", "amid.cli", "cache-info", str(out), "--verify"],
                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert res.returncode == 1, (res.returncode, res.stderr)
@@ -352,7 +360,7 @@ def test_damaged_shard_is_refused_naming_it(gpt2_cache, tmp_path, damage):
         stdout, stderr = res.stdout, res.stderr
     assert "Traceback" not in stdout + stderr
     lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: shard ") and "shard-000001.parquet" in lines[0], stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: shard ") and f"{part}/shard-000001.parquet" in lines[0], stderr
     # Without --verify the damaged shard is not read: cache-info still describes the cache.
     assert CliRunner().invoke(cli, ["cache-info", str(out)]).exit_code == 0
 
@@ -367,7 +375,7 @@ def test_cache_info_human_json_and_verify(gpt2_cache):
     info = json.loads(res.stdout)
     assert info["verified"]["examples"] == info["counts"]["examples"] == 14
     assert info["k"] == K and len(info["shards"]) == 4
-    assert all(len(s["sha256"]) == 64 for s in info["shards"])
+    assert all(len(f["sha256"]) == 64 for s in info["shards"] for f in s["files"].values())
 
 
 def test_open_cache_refuses_non_cache_and_incomplete(tmp_path):
@@ -505,6 +513,17 @@ def test_refuses_nonempty_non_cache_directory(teachers, data_files, tmp_path):
 # Standard readers
 
 
+def _rows_by_example(examples: list[dict], topk: list[dict], k: int) -> dict[int, dict]:
+    """Join the two standard-reader tables the way the format documents: an example's top-k rows
+    are [topk_row, topk_row + P·k) of its shard's topk file."""
+    out = {}
+    for ex in examples:
+        rows = topk[ex["topk_row"]: ex["topk_row"] + len(ex["positions"]) * k]
+        out[ex["example_id"]] = {**ex, "topk_ids": np.array([r["topk_id"] for r in rows]).reshape(-1, k),
+                                 "topk_logprobs": np.array([r["topk_logprob"] for r in rows], np.float32).reshape(-1, k)}
+    return out
+
+
 def test_shards_readable_without_amid(gpt2_cache, tmp_path):
     import datasets
     import pyarrow.dataset as pads
@@ -513,29 +532,44 @@ def test_shards_readable_without_amid(gpt2_cache, tmp_path):
     k = cache.manifest["k"]
     ours = list(cache)
     # A stale temporary file must be ignored by the standard readers too.
-    (gpt2_cache / "shards" / ".shard-000000.parquet.tmp-1").write_bytes(b"junk")
+    junk = [gpt2_cache / part / ".shard-000000.parquet.tmp-1" for part in ("examples", "topk")]
+    for f in junk:
+        f.write_bytes(b"junk")
     try:
-        ds = pads.dataset(gpt2_cache / "shards", format="parquet")
-        table = ds.to_table()
+        # pyarrow.dataset over each part's directory: every example once, every top-k row once.
+        table = pads.dataset(gpt2_cache / "examples", format="parquet").to_table()
         assert table.num_rows == len(ours) == cache.manifest["counts"]["examples"]
-        rows = sorted(table.to_pylist(), key=lambda r: r["example_id"])
-        for row, ex in zip(rows, ours):
-            assert row["example_id"] == ex["example_id"]
+        assert pads.dataset(gpt2_cache / "topk", format="parquet").count_rows() == cache.num_positions * k
+        joined = {}
+        for i in range(len(cache.shards)):
+            ex = pads.dataset(cache.shard_path(i, "examples"), format="parquet").to_table().to_pylist()
+            tk = pads.dataset(cache.shard_path(i, "topk"), format="parquet").to_table().to_pylist()
+            joined.update(_rows_by_example(ex, tk, k))
+        for ex in ours:
+            row = joined[ex["example_id"]]
             assert row["input_ids"] == ex["input_ids"].tolist()
             assert row["positions"] == ex["positions"].tolist()
-            assert np.array_equal(np.array(row["topk_ids"]).reshape(-1, k), ex["topk_ids"].numpy())
-            assert np.array_equal(np.array(row["topk_logprobs"], np.float32).reshape(-1, k), ex["topk_logprobs"].numpy())
+            assert np.array_equal(row["topk_ids"], ex["topk_ids"].numpy())
+            assert np.array_equal(row["topk_logprobs"], ex["topk_logprobs"].numpy())
             assert np.array_equal(np.array(row["tail_logmass"], np.float32), ex["tail_logmass"].numpy())
 
-        hf = datasets.load_dataset("parquet", data_dir=str(gpt2_cache / "shards"), split="train",
-                                   cache_dir=str(tmp_path / "hf"))
-        assert hf.num_rows == len(ours)
-        hf_rows = sorted(hf, key=lambda r: r["example_id"])
-        for row, ex in zip(hf_rows, ours):
+        # Hugging Face datasets, one shard's pair of files.
+        load = lambda part: datasets.load_dataset(  # noqa: E731
+            "parquet", data_files=str(cache.shard_path(1, part)), split="train", cache_dir=str(tmp_path / "hf"))
+        hf_ex, hf_tk = load("examples"), load("topk")
+        assert hf_ex.num_rows == cache.shards[1]["examples"] and hf_tk.num_rows == cache.shards[1]["positions"] * k
+        joined = _rows_by_example(list(hf_ex), list(hf_tk), k)
+        shard_examples = [ex for ex in ours if ex["example_id"] in joined]
+        assert len(shard_examples) == cache.shards[1]["examples"]
+        for ex in shard_examples:
+            row = joined[ex["example_id"]]
             assert row["input_ids"] == ex["input_ids"].tolist()
-            assert np.array_equal(np.array(row["topk_ids"]).reshape(-1, k), ex["topk_ids"].numpy())
-            assert np.allclose(np.array(row["topk_logprobs"], np.float32).reshape(-1, k), ex["topk_logprobs"].numpy(),
-                               rtol=0, atol=0)
+            assert np.array_equal(row["topk_ids"], ex["topk_ids"].numpy())
+            assert np.array_equal(row["topk_logprobs"], ex["topk_logprobs"].numpy())
             assert np.array_equal(np.array(row["tail_logmass"], np.float32), ex["tail_logmass"].numpy())
+        whole = datasets.load_dataset("parquet", data_dir=str(gpt2_cache / "examples"), split="train",
+                                      cache_dir=str(tmp_path / "hf"))
+        assert sorted(whole["example_id"]) == sorted(ex["example_id"] for ex in ours)
     finally:
-        (gpt2_cache / "shards" / ".shard-000000.parquet.tmp-1").unlink()
+        for f in junk:
+            f.unlink()

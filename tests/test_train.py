@@ -325,11 +325,11 @@ def test_damaged_shard_is_named(world, tmp_path):
 
     cache = tmp_path / "cache"
     shutil.copytree(world["cache"], cache)
-    shard = sorted(cache.rglob("shard-*.parquet"))[2]
+    shard = sorted((cache / "topk").glob("shard-*.parquet"))[2]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the top-k data: readable, checksum wrong
     shard.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=shard.name):
+    with pytest.raises(CacheError, match=f"topk/{shard.name}"):
         train(config(world, tmp_path / "run", cache=str(cache), max_steps=30), log=quiet)
 
 
