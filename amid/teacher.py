@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -202,6 +202,10 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     header["config"] = dataclasses.asdict(cfg)
     header["amid_version"] = __version__
     header["teacher_dtype"] = str(dtype).replace("torch.", "")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logits = TargetLogits(model)
+    with torch.no_grad():
+        header["teacher_logits"] = logits.probe(*_batch_rows(examples[:4], pad, device))
 
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
@@ -231,12 +235,13 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     total_positions = sum(len(e.positions) for e in examples)
     if rank == 0:
         log(f"amid cache-teacher: {len(examples)} examples, {total_positions} target positions, "
-            f"{len(tasks)} shards ({len(tasks) - len(mine)} already done), k={k}, teacher {dtype} on {device}")
+            f"{len(tasks)} shards ({len(tasks) - len(mine)} already done), k={k}, teacher {dtype} on {device} "
+            f"(logits: {header['teacher_logits']})")
     bar = tqdm(total=todo_positions, unit="pos", unit_scale=True, disable=not progress, desc="caching", dynamic_ncols=True)
     for task in mine:
         writer = ShardWriter(out, task, vocab_size, k)
         for batch in iter_batches(tasks[task], cfg.max_tokens, cfg.batch_size):
-            for ex, (ids, lps, tail) in zip(batch, _forward(model, batch, k, cfg.temperature, device, tokenizer)):
+            for ex, (ids, lps, tail) in zip(batch, _forward(logits, batch, k, cfg.temperature, device, pad)):
                 writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
             bar.update(sum(len(e.positions) for e in batch))
         state.add(writer.close())
@@ -269,18 +274,88 @@ def _examples_digest(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
-def _forward(model, batch: list[Example], k: int, temperature: float, device: torch.device, tokenizer):
-    """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+class TargetLogits:
+    """The teacher's float32 logits at the target positions of a right-padded batch.
+
+    The model's body runs in its own dtype and the LM head is applied in float32 to the target
+    rows only: a bf16/fp16 teacher's log-probs are then not rounded to its dtype's 8/11
+    significant bits before the softmax, and no [B, T, V] logits tensor is ever built. A model
+    that transforms its head's output (logit soft-capping or scaling, e.g. Gemma 2, Cohere) is
+    detected on the first batch, where both ways are computed and compared; such a model's own
+    logits (in its dtype) are used instead. `mode` says which: "float32 head" or "model".
+    """
+
+    def __init__(self, model):
+        self.model = model
+        head = model.get_output_embeddings()
+        self.mode: str | None = None if isinstance(head, torch.nn.Linear) else "model"
+        if self.mode is None:
+            self.weight = head.weight.float()  # a copy only when the model is not float32
+            self.bias = None if head.bias is None else head.bias.float()
+            # bf16/fp16 values are exact in TF32 (11 significant bits), so TF32 loses nothing here.
+            self.tf32 = head.weight.dtype in (torch.bfloat16, torch.float16)
+
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]
+
+    def _model_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = old or self.tf32
+        try:
+            return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+    def probe(self, input_ids: torch.Tensor, mask: torch.Tensor, batch_index: torch.Tensor,
+              positions: torch.Tensor) -> str:
+        """Choose the mode on one batch: the float32 head where it reproduces the model's logits."""
+        if self.mode is not None:
+            return self.mode
+        self.mode = "model"
+        try:
+            hidden = self._hidden(input_ids, mask)
+        except Exception:  # a body that does not take these arguments: the model's own logits are fine
+            return self.mode
+        if hidden.dim() != 3 or hidden.shape[-1] != self.weight.shape[1]:
+            return self.mode
+        ours = self._head(hidden[batch_index, positions])
+        theirs = self._model_logits(input_ids, mask)[batch_index, positions].float()
+        # Rounding to bf16 moves a logit by at most 2^-9 of itself; a soft-cap or a scale by far more.
+        if ours.shape == theirs.shape and (ours - theirs).abs().max() <= 2**-6 * theirs.abs().max().clamp_min(1.0):
+            self.mode = "float32 head"
+        return self.mode
+
+    def chunks(self, input_ids: torch.Tensor, mask: torch.Tensor, batch_index: torch.Tensor,
+               positions: torch.Tensor, rows_per_chunk: int) -> Iterator[torch.Tensor]:
+        """[r, V] float32 logits of the rows (batch_index[i], positions[i]), rows_per_chunk at a time."""
+        mode = self.probe(input_ids, mask, batch_index, positions)
+        if mode == "model":
+            rows = self._model_logits(input_ids, mask)[batch_index, positions]
+            for i in range(0, rows.shape[0], rows_per_chunk):
+                yield rows[i: i + rows_per_chunk].float()
+        else:
+            hidden = self._hidden(input_ids, mask)[batch_index, positions]
+            for i in range(0, hidden.shape[0], rows_per_chunk):
+                yield self._head(hidden[i: i + rows_per_chunk])
+
+
+def _batch_rows(batch: list[Example], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """input_ids, attention_mask [B, T] and the (batch index, position) of every target row, on `device`."""
     input_ids, mask = pad_right([e.input_ids for e in batch], pad)
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-    # Every target row of the batch at once: one top-k, one device-to-host copy per batch.
     batch_index = torch.cat([torch.full((len(e.positions),), i, dtype=torch.long) for i, e in enumerate(batch)])
     positions = torch.cat([torch.as_tensor(e.positions, dtype=torch.long) for e in batch])
-    rows = logits[batch_index.to(device), positions.to(device)]
-    step = max(1, (1 << 26) // rows.shape[-1])  # bound the float32 temporaries to ~256 MiB each
-    parts = [teacher_topk(rows[i: i + step], k, temperature) for i in range(0, rows.shape[0], step)]
+    return tuple(t.to(device) for t in (input_ids, mask, batch_index, positions))
+
+
+@torch.no_grad()
+def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int):
+    """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
+    # Every target row of the batch at once: one top-k per chunk, one device-to-host copy per batch.
+    step = max(1, (1 << 26) // logits.model.get_output_embeddings().weight.shape[0])  # ≤ 256 MiB float32 a chunk
+    parts = [teacher_topk(z, k, temperature) for z in logits.chunks(*_batch_rows(batch, pad, device), step)]
     ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))
     tail = tail.astype(np.float32)
     start = 0

@@ -478,15 +478,16 @@ def bench_step(meter, args, Row) -> list:
     # The cache side's targets: this teacher's own top-k (what cache_teacher would have stored).
     examples = [Example(example_id=i, input_ids=batch["input_ids"][i].tolist(), positions=list(range(size["seq"] - 1)))
                 for i in range(size["batch"])]
+    from amid.teacher import TargetLogits
     from amid.teacher import _forward as forward  # what cache_teacher runs per batch
     tmp = Path(tempfile.mkdtemp(prefix="amid-bench-step-"))
     writer = ShardWriter(tmp, 0, v, TOP_K)
-    pad = type("Tok", (), {"pad_token_id": 0})()
+    teacher_logits = TargetLogits(teacher)
     got: list = []
 
     def cache_batch():  # what cache_teacher does per forward batch, minus the final shard write
         got.clear()
-        for ex, (ids, lps, tail) in zip(examples, forward(teacher, examples, TOP_K, 1.0, dev, pad)):
+        for ex, (ids, lps, tail) in zip(examples, forward(teacher_logits, examples, TOP_K, 1.0, dev, 0)):
             writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
             got.append((ids, lps, tail))
 

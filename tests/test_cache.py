@@ -177,6 +177,71 @@ def test_padded_vocab_ids_use_uint16_and_tail_exact_with_k_near_vocab(teachers, 
         assert_matches_reference(ex, ref, 319)
 
 
+def _head_input_logits(model, input_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float64 logits from the exact input of the model's LM head, the model's own logits as float64).
+
+    The hook sees what the model itself feeds its head, independently of amid's own route."""
+    seen = {}
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda mod, args, out: seen.update(h=args[0]))  # returns None: output kept
+    try:
+        with torch.no_grad():
+            own = model(torch.tensor([input_ids])).logits[0].double()
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        z = seen["h"][0].double() @ head.weight.double().T + (0 if head.bias is None else head.bias.double())
+    return z, own
+
+
+def test_bf16_teacher_log_probs_come_from_a_float32_head(teachers, data_files, tmp_path):
+    """A bf16 teacher's body runs in bf16, but its LM head runs in float32: the stored log-probs
+    are those of the float32 logits, not of logits rounded to bf16's 8 significant bits."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "cache"
+    manifest = run_cache(teacher=str(teachers["llama"]), data=str(data_files["instruction"]), out=str(out),
+                         dtype="bf16", batch_size=1, limit=6)
+    assert manifest["teacher_dtype"] == "bfloat16" and manifest["teacher_logits"] == "float32 head"
+    model = AutoModelForCausalLM.from_pretrained(teachers["llama"], dtype=torch.bfloat16).eval()
+    bf16_logits_would_fail = False
+    for ex in open_cache(out):
+        z, own = _head_input_logits(model, ex["input_ids"].tolist())
+        ref = torch.log_softmax(z, -1)[ex["positions"]]
+        assert_matches_reference(ex, ref, K)
+        # The model's own bf16 logits are measurably worse than the stored precision.
+        own_lp = torch.log_softmax(own, -1)[ex["positions"]].gather(1, ex["topk_ids"])
+        bf16_logits_would_fail |= bool(((own_lp - ref.gather(1, ex["topk_ids"])).abs()
+                                        > LP_REL * own_lp.abs() + 1e-5).any())
+    assert bf16_logits_would_fail, "the bf16 logits were as exact as the stored values: the test shows nothing"
+
+
+def test_teacher_that_transforms_its_head_output_keeps_its_own_logits(data_files, tmp_path):
+    """Gemma 2 soft-caps its logits after the LM head: the first batch detects it and the cache
+    holds the model's own (capped) distribution."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from helpers import train_tokenizer
+
+    tok = train_tokenizer(300, add_bos=True)
+    cfg = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                       final_logit_softcapping=5.0, initializer_range=0.5, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    teacher = tmp_path / "gemma2"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    out = tmp_path / "cache"
+    manifest = run_cache(teacher=str(teacher), data=str(data_files["text"]), out=str(out), limit=4, batch_size=2)
+    assert manifest["teacher_logits"] == "model"
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    for ex in open_cache(out):
+        z, own = _head_input_logits(model, ex["input_ids"].tolist())
+        assert float((own - z).abs().max()) > 1.0, "the soft-cap should move the logits"
+        assert_matches_reference(ex, torch.log_softmax(own, -1)[ex["positions"]], K)
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume
 
