@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from amid.cache import (
     progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
+from amid.heads import TargetLogits
 from amid.loader import pad_right
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
@@ -204,8 +205,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     header["teacher_dtype"] = str(dtype).replace("torch.", "")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     logits = TargetLogits(model)
-    with torch.no_grad():
-        header["teacher_logits"] = logits.probe(*_batch_rows(examples[:4], pad, device))
+    header["teacher_logits"] = logits.mode
 
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
@@ -274,88 +274,21 @@ def _examples_digest(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-class TargetLogits:
-    """The teacher's float32 logits at the target positions of a right-padded batch.
-
-    The model's body runs in its own dtype and the LM head is applied in float32 to the target
-    rows only: a bf16/fp16 teacher's log-probs are then not rounded to its dtype's 8/11
-    significant bits before the softmax, and no [B, T, V] logits tensor is ever built. A model
-    that transforms its head's output (logit soft-capping or scaling, e.g. Gemma 2, Cohere) is
-    detected on the first batch, where both ways are computed and compared; such a model's own
-    logits (in its dtype) are used instead. `mode` says which: "float32 head" or "model".
-    """
-
-    def __init__(self, model):
-        self.model = model
-        head = model.get_output_embeddings()
-        self.mode: str | None = None if isinstance(head, torch.nn.Linear) else "model"
-        if self.mode is None:
-            self.weight = head.weight.float()  # a copy only when the model is not float32
-            self.bias = None if head.bias is None else head.bias.float()
-            # bf16/fp16 values are exact in TF32 (11 significant bits), so TF32 loses nothing here.
-            self.tf32 = head.weight.dtype in (torch.bfloat16, torch.float16)
-
-    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model.base_model(input_ids=input_ids, attention_mask=mask, use_cache=False)[0]
-
-    def _model_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-
-    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = old or self.tf32
-        try:
-            return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-
-    def probe(self, input_ids: torch.Tensor, mask: torch.Tensor, batch_index: torch.Tensor,
-              positions: torch.Tensor) -> str:
-        """Choose the mode on one batch: the float32 head where it reproduces the model's logits."""
-        if self.mode is not None:
-            return self.mode
-        self.mode = "model"
-        try:
-            hidden = self._hidden(input_ids, mask)
-        except Exception:  # a body that does not take these arguments: the model's own logits are fine
-            return self.mode
-        if hidden.dim() != 3 or hidden.shape[-1] != self.weight.shape[1]:
-            return self.mode
-        ours = self._head(hidden[batch_index, positions])
-        theirs = self._model_logits(input_ids, mask)[batch_index, positions].float()
-        # Rounding to bf16 moves a logit by at most 2^-9 of itself; a soft-cap or a scale by far more.
-        if ours.shape == theirs.shape and (ours - theirs).abs().max() <= 2**-6 * theirs.abs().max().clamp_min(1.0):
-            self.mode = "float32 head"
-        return self.mode
-
-    def chunks(self, input_ids: torch.Tensor, mask: torch.Tensor, batch_index: torch.Tensor,
-               positions: torch.Tensor, rows_per_chunk: int) -> Iterator[torch.Tensor]:
-        """[r, V] float32 logits of the rows (batch_index[i], positions[i]), rows_per_chunk at a time."""
-        mode = self.probe(input_ids, mask, batch_index, positions)
-        if mode == "model":
-            rows = self._model_logits(input_ids, mask)[batch_index, positions]
-            for i in range(0, rows.shape[0], rows_per_chunk):
-                yield rows[i: i + rows_per_chunk].float()
-        else:
-            hidden = self._hidden(input_ids, mask)[batch_index, positions]
-            for i in range(0, hidden.shape[0], rows_per_chunk):
-                yield self._head(hidden[i: i + rows_per_chunk])
-
-
-def _batch_rows(batch: list[Example], pad: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """input_ids, attention_mask [B, T] and the (batch index, position) of every target row, on `device`."""
+def _batch_rows(batch: list[Example], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A right-padded batch on `device`: input_ids, attention_mask [B, T] and rows [N] (b·T + t of
+    every target position, example by example)."""
     input_ids, mask = pad_right([e.input_ids for e in batch], pad)
-    batch_index = torch.cat([torch.full((len(e.positions),), i, dtype=torch.long) for i, e in enumerate(batch)])
-    positions = torch.cat([torch.as_tensor(e.positions, dtype=torch.long) for e in batch])
-    return tuple(t.to(device) for t in (input_ids, mask, batch_index, positions))
+    width = input_ids.shape[1]
+    rows = torch.cat([torch.as_tensor(e.positions, dtype=torch.long) + b * width for b, e in enumerate(batch)])
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "rows": rows.to(device)}
 
 
 @torch.no_grad()
 def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int):
     """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
     # Every target row of the batch at once: one top-k per chunk, one device-to-host copy per batch.
-    step = max(1, (1 << 26) // logits.model.get_output_embeddings().weight.shape[0])  # ≤ 256 MiB float32 a chunk
-    parts = [teacher_topk(z, k, temperature) for z in logits.chunks(*_batch_rows(batch, pad, device), step)]
+    step = max(1, (1 << 26) // logits.route.head.weight.shape[0])  # ≤ 256 MiB of float32 logits a chunk
+    parts = [teacher_topk(z, k, temperature) for z in logits.chunks(_batch_rows(batch, pad, device), step)]
     ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))
     tail = tail.astype(np.float32)
     start = 0

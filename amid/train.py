@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
 from amid.data import cut_batches
+from amid.heads import Head, TargetLogits
 from amid.loader import Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.teacher import resolve_device, resolve_dtype, tokenizer_identity
@@ -234,78 +235,34 @@ def _vocab_size(model) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
-class Head:
-    """How the student turns a batch into logits (or hidden states) at the target rows.
-
-    With a plain LM head (logits = head(last hidden state), checked numerically once) only the
-    target rows go through the head, and the fused loss can skip the logits altogether.
-    Otherwise (soft-capping, logit scaling, ...) the model's own logits are gathered."""
-
-    def __init__(self, model):
-        self.model = model
-        self.head = model.get_output_embeddings()
-        self.base = getattr(model, "base_model", model)
-        self.plain = self.base is not model and self.head is not None and self._head_is_plain()
-
-    @torch.no_grad()
-    def _head_is_plain(self) -> bool:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            v = self.head.weight.shape[0]
-            ids = (torch.arange(12, device=self.head.weight.device) * 37 % v)[None]
-            full = self.model(input_ids=ids, use_cache=False).logits.float()
-            hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state
-            mine = self.head(hidden).float()
-            return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-3, atol=1e-4)
-        except Exception:  # any model whose base/head split does not work: use its logits
-            return False
-        finally:
-            self.model.train(was_training)
-
-    @property
-    def linear(self) -> bool:
-        return self.plain and isinstance(self.head, torch.nn.Linear)
-
-    def hidden(self, batch: dict[str, Any]) -> torch.Tensor:
-        """[N, H] last hidden states at the target rows (plain heads only)."""
-        out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        h = out.last_hidden_state
-        return h.reshape(-1, h.shape[-1])[batch["rows"]]
-
-    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
-        """[N, V] logits at the target rows."""
-        if self.plain:
-            return self.head(self.hidden(batch))
-        z = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return z.reshape(-1, z.shape[-1])[batch["rows"]]
-
-
 class OnlineTeacher:
-    """A teacher in memory, for the full-vocabulary reference path (`online_teacher`)."""
+    """A teacher in memory, for the full-vocabulary reference path (`online_teacher`). Its logits
+    come the way `cache-teacher` computes them (float32 LM head on the target rows)."""
 
     def __init__(self, model, temperature: float):
-        self.head = Head(model)
+        self.target = TargetLogits(model)
         self.temperature = temperature
 
     @torch.no_grad()
     def logits(self, batch: dict[str, Any], width: int) -> torch.Tensor:
         """[N, width] float32 logits at the target rows, tempered like the cache, padded with −inf
         to the student's (possibly larger) vocabulary."""
-        z = self.head.logits(batch).float() / self.temperature
+        z = torch.cat(list(self.target.chunks(batch, max(1, len(batch["rows"]))))) / self.temperature
         if z.shape[-1] < width:
             z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
         return z
 
 
-def _load_online_teacher(cfg: TrainConfig, cache: Cache, device) -> OnlineTeacher:
+def _load_online_teacher(cfg: TrainConfig, cache: Cache, device, dtype: torch.dtype) -> OnlineTeacher:
+    """The online teacher in the training dtype (bf16 under bf16 autocast: half the memory of
+    float32 weights, and no weight casts at every forward)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.online_teacher, trust_remote_code=cfg.trust_remote_code)
     if tokenizer_identity(tokenizer) != cache.manifest["tokenizer"]:
         raise TrainError(f"online teacher {cfg.online_teacher} has a different tokenizer than the cache {cache.path}")
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.online_teacher, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        cfg.online_teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
     return OnlineTeacher(model, float(cache.manifest.get("temperature", 1.0)))
 
@@ -553,7 +510,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = Head(model)
-    teacher = _load_online_teacher(cfg, cache, device) if cfg.online_teacher else None
+    teacher = _load_online_teacher(cfg, cache, device, amp_dtype) if cfg.online_teacher else None
     fused = None
     big_vocab = _vocab_size(model) >= FUSED_MIN_VOCAB
     if teacher is None and (cfg.fused or (cfg.fused is None and device.type == "cuda" and big_vocab)):

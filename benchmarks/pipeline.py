@@ -253,7 +253,8 @@ def n_params(model) -> int:
 
 def _step_fns(model, batch, loss_cfg, fused, amp, teacher=None):
     """The trainer's step on one batch: batch_loss (under autocast) → backward → clip → AdamW."""
-    from amid.train import Head, batch_loss
+    from amid.heads import Head
+    from amid.train import batch_loss
 
     head = Head(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -362,7 +363,8 @@ def demo_check(meter, directory: Path, Row) -> dict[str, Any]:
     model = llama_model(DEMO["vocab"], (DEMO["hidden"], DEMO["layers"], DEMO["heads"]), 1, dev)
     model.train()
     batches = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()} for b in lw1["kept"]]
-    from amid.train import batch_loss, Head
+    from amid.heads import Head
+    from amid.train import batch_loss
 
     head = Head(model)
     params = list(model.parameters())
@@ -456,7 +458,8 @@ def make_batch(vocab: int, batch: int, seq: int, k: int, device: torch.device, s
 
 def bench_step(meter, args, Row) -> list:
     from amid.data import Example
-    from amid.train import FUSED_MIN_VOCAB, Head, OnlineTeacher, _fused_loss_fn
+    from amid.heads import Head
+    from amid.train import FUSED_MIN_VOCAB, OnlineTeacher, _fused_loss_fn
 
     dev = meter.device
     gpu = dev.type == "cuda"
@@ -478,7 +481,7 @@ def bench_step(meter, args, Row) -> list:
     # The cache side's targets: this teacher's own top-k (what cache_teacher would have stored).
     examples = [Example(example_id=i, input_ids=batch["input_ids"][i].tolist(), positions=list(range(size["seq"] - 1)))
                 for i in range(size["batch"])]
-    from amid.teacher import TargetLogits
+    from amid.heads import TargetLogits
     from amid.teacher import _forward as forward  # what cache_teacher runs per batch
     tmp = Path(tempfile.mkdtemp(prefix="amid-bench-step-"))
     writer = ShardWriter(tmp, 0, v, TOP_K)

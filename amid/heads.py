@@ -1,0 +1,106 @@
+"""Logits at target rows out of a Hugging Face causal LM, without [B, T, V] logits where the model allows.
+
+`Head` is the student's route (gradients flow, the model's dtype); `TargetLogits` the teacher's
+(no gradients, float32 LM head, chunked). Both rely on one check: a model whose logits are
+`lm_head(base_model(x))` ("plain") can be split at the head; a model that transforms the head's
+output (Gemma 2's soft-cap, logit scaling) cannot, and its own logits are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["Head", "TargetLogits"]
+
+
+class Head:
+    """How a model turns a batch into logits (or hidden states) at the target rows.
+
+    With a plain LM head (logits = head(last hidden state), checked numerically once) only the
+    target rows go through the head, and the fused loss can skip the logits altogether.
+    Otherwise (soft-capping, logit scaling, ...) the model's own logits are gathered.
+
+    A batch here is a dict with `input_ids` / `attention_mask` [B, T] and `rows` [N] (b·T + t).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.head = model.get_output_embeddings()
+        self.base = getattr(model, "base_model", model)
+        self.plain = self.base is not model and self.head is not None and self._head_is_plain()
+
+    @torch.no_grad()
+    def _head_is_plain(self) -> bool:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            v = self.head.weight.shape[0]
+            ids = (torch.arange(12, device=self.head.weight.device) * 37 % v)[None]
+            full = self.model(input_ids=ids, use_cache=False).logits.float()
+            hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state
+            mine = self.head(hidden).float()
+            return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-3, atol=1e-4)
+        except Exception:  # any model whose base/head split does not work: use its logits
+            return False
+        finally:
+            self.model.train(was_training)
+
+    @property
+    def linear(self) -> bool:
+        return self.plain and isinstance(self.head, torch.nn.Linear)
+
+    def hidden(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[N, H] last hidden states at the target rows (plain heads only)."""
+        out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        h = out.last_hidden_state
+        return h.reshape(-1, h.shape[-1])[batch["rows"]]
+
+    def logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[N, V] logits at the target rows."""
+        if self.plain:
+            return self.head(self.hidden(batch))
+        z = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return z.reshape(-1, z.shape[-1])[batch["rows"]]
+
+
+class TargetLogits:
+    """A teacher's float32 logits at the target rows, a chunk of rows at a time.
+
+    The model's body runs in its own dtype and a plain linear LM head is applied in float32 to
+    the target rows only: a bf16/fp16 teacher's logits are not rounded to its dtype's 8/11
+    significant bits before the softmax, and no [B, T, V] logits tensor is built. Any other
+    model's own logits (in its dtype) are used. `mode` says which: "float32 head" or "model".
+    """
+
+    def __init__(self, model):
+        self.route = Head(model)
+        self.mode = "float32 head" if self.route.linear else "model"
+        if self.route.linear:
+            head = self.route.head
+            self.weight = head.weight.float()  # a copy only when the model is not float32
+            self.bias = None if head.bias is None else head.bias.float()
+            # bf16/fp16 values are exact in TF32 (11 significant bits), so TF32 loses nothing here.
+            self.tf32 = head.weight.dtype in (torch.bfloat16, torch.float16)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = old or self.tf32
+        try:
+            with torch.autocast(hidden.device.type, enabled=False):  # float32 even inside a training autocast
+                return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+
+    @torch.no_grad()
+    def chunks(self, batch: dict[str, Any], rows_per_chunk: int) -> Iterator[torch.Tensor]:
+        """[r, V] float32 logits of the batch's target rows, in order, rows_per_chunk at a time."""
+        if self.mode == "model":
+            rows = self.route.logits(batch)
+            for i in range(0, rows.shape[0], rows_per_chunk):
+                yield rows[i: i + rows_per_chunk].float()
+        else:
+            hidden = self.route.hidden(batch)
+            for i in range(0, hidden.shape[0], rows_per_chunk):
+                yield self._head(hidden[i: i + rows_per_chunk])
