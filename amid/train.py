@@ -247,7 +247,8 @@ class OnlineTeacher:
     def logits(self, batch: dict[str, Any], width: int) -> torch.Tensor:
         """[N, width] float32 logits at the target rows, tempered like the cache, padded with −inf
         to the student's (possibly larger) vocabulary."""
-        z = torch.cat(list(self.target.chunks(batch, max(1, len(batch["rows"]))))) / self.temperature
+        (z,) = self.target.chunks(batch, max(1, len(batch["rows"])))  # one chunk: all rows
+        z = z / self.temperature
         if z.shape[-1] < width:
             z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
         return z
