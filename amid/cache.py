@@ -55,7 +55,8 @@ ZSTD_LEVEL = 9
 DATA_PAGE_SIZE = 8 << 20
 # pyarrow ≥ 21 also cuts pages every 20,000 rows by default, which makes the flat top-k columns
 # ≈ 17 % larger; older versions cut by size only.
-PAGE_ROWS = {"max_rows_per_page": 1 << 30} if "max_rows_per_page" in inspect.signature(pq.write_table).parameters else {}
+PAGE_ROWS = ({"max_rows_per_page": 1 << 30}
+             if "max_rows_per_page" in inspect.signature(pq.write_table).parameters else {})
 
 
 class CacheError(RuntimeError):
@@ -477,7 +478,8 @@ class Cache:
             tables = {part: self.read_part(i, part) for part in PARTS}
             for part, table in tables.items():
                 if not table.schema.equals(expected[part]):
-                    raise CacheError(f"shard {self.shard_path(i, part)}: schema {table.schema} differs from the format's")
+                    raise CacheError(f"shard {self.shard_path(i, part)}: schema {table.schema} differs from "
+                                     f"the format's")
             ex, f = tables["examples"], self.shard_path(i, "examples")
             n_pos = pc.list_value_length(ex.column("positions")).to_numpy().astype(np.int64)
             n_tail = pc.list_value_length(ex.column("tail_logmass")).to_numpy()

@@ -261,6 +261,12 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--fused/--no-fused", default=None, help="LM head fused with the loss. [on for CUDA, vocab >= 16k]")
 @click.option("--online-teacher", default=None,
               help="Reference path: run this teacher every step, full-vocabulary loss (compare with the cache).")
+@click.option("--lm-data", default=None,
+              help="Plain text for an added language-modelling loss (files or a datasets name), as the paper mixes in.")
+@click.option("--lm-weight", default=1.0, show_default=True, help="Weight of the language-modelling loss.")
+@click.option("--lm-batch-size", type=int, default=None, help="Text blocks per cache batch. [--batch-size]")
+@click.option("--lm-length", default=512, show_default=True, help="Tokens per text block.")
+@click.option("--lm-text-field", default="text", show_default=True, help="Field holding the text in --lm-data.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory).")
 @click.option("--num-workers", default=2, show_default=True, help="Threads reading cache shards.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")

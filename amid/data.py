@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "TEMPLATES"]
+__all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES"]
 
 TEMPLATES = ("auto", "text", "plain", "dolly", "chat")
 
@@ -339,3 +339,29 @@ def iter_batches(examples: list[Example], max_tokens: int, max_batch: int) -> It
     """Examples sorted by length, in batches of at most `max_batch` and `max_tokens` padded tokens."""
     order = sorted(examples, key=lambda e: len(e.input_ids))
     return cut_batches(order, [len(e.input_ids) for e in order], max_batch, max_tokens)
+
+
+def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text", limit: int | None = None):
+    """Plain text as an [n, length] int32 array of token blocks, for a language-modelling loss.
+
+    Each record's `text_field` is tokenized without special tokens and closed by EOS; everything
+    is concatenated and cut into blocks of `length` tokens (the remainder is dropped), the way
+    GPT-2-style pretraining data is packed. Raises DataError for a missing field or too little text.
+    """
+    import numpy as np
+
+    records = load_records(source, limit=limit)
+    if text_field not in records[0]:
+        raise DataError(f"{source}: no field {text_field!r} (fields: {', '.join(sorted(records[0]))}); "
+                        f"pass --lm-text-field")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    texts = [str(r.get(text_field) or "") for r in records]
+    ids: list[int] = []
+    for start in range(0, len(texts), 1000):
+        for seq in tokenizer(texts[start: start + 1000], add_special_tokens=False)["input_ids"]:
+            ids.extend(seq)
+            ids.extend(eos)
+    n = len(ids) // length
+    if n == 0:
+        raise DataError(f"{source}: {len(ids)} tokens, fewer than one block of --lm-length {length}")
+    return np.asarray(ids[: n * length], dtype=np.int32).reshape(n, length)

@@ -16,6 +16,9 @@ top-k data is read:
 A position in the stream is `Position(epoch, window, batch)`: the next batch to serve. Every
 batch carries the position after it, which is what a checkpoint stores; a resumed loader starts
 there and reads only that window.
+
+`LMStream` serves the optional plain language-modelling batches (fixed-length blocks of text):
+batch i is a pure function of i and the seed, so resuming needs nothing but the step.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import torch
 from amid.cache import Cache, CacheError
 from amid.data import cut_batches
 
-__all__ = ["ShardMeta", "Position", "Plan", "Loader", "scan", "split", "pad_right", "collate", "POOL_BATCHES"]
+__all__ = ["ShardMeta", "Position", "Plan", "Loader", "LMStream", "scan", "split", "pad_right", "collate",
+           "POOL_BATCHES"]
 
 POOL_BATCHES = 64  # length sorting happens inside pools of this many batches
 
@@ -315,3 +319,40 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LMStream:
+    """Batches of language-modelling blocks: every block once per epoch, in a seeded order.
+
+    `batch(i)` is a function of i and the seed only. Its fields are those of `collate`, with a
+    one-hot "teacher" on the next token (top-1 = the target, no tail), so the trainer's losses
+    take it as it takes a cache batch; every position but the last of a block is a target.
+    """
+
+    def __init__(self, blocks: np.ndarray, batch_size: int, seed: int):
+        self.blocks = blocks  # [n, L] int32
+        self.batch_size = batch_size
+        self.seed = seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def targets_per_batch(self) -> int:
+        return self.batch_size * (self.blocks.shape[1] - 1)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.blocks))
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def batch(self, index: int) -> dict[str, Any]:
+        n, length = self.blocks.shape
+        picks = [self._order(j // n)[j % n] for j in range(index * self.batch_size, (index + 1) * self.batch_size)]
+        ids = torch.from_numpy(self.blocks[picks].astype(np.int64))
+        positions = torch.arange(length - 1)
+        examples = [{"input_ids": x, "positions": positions, "topk_ids": x[1:, None],
+                     "topk_logprobs": torch.zeros(length - 1, 1),
+                     "tail_logmass": torch.full((length - 1,), -float("inf"))} for x in ids]
+        return collate(examples, pad_id=0)

@@ -4,6 +4,7 @@
 
     for each step: grad_accum micro-batches from the cache (background loader)
                    loss = mean over target positions of (1 − w)·AMiD(k + 1 bins) + w·CE
+                          [+ lm_weight · mean CE on as many batches of plain text (lm_data)]
                    backward, clip, AdamW, learning-rate schedule (a function of the step)
                    log to metrics.jsonl; evaluate / checkpoint when due
 
@@ -43,9 +44,9 @@ from tqdm.auto import tqdm
 
 from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
-from amid.data import cut_batches
+from amid.data import DataError, cut_batches, lm_blocks
 from amid.heads import Head, TargetLogits
-from amid.loader import Loader, Plan, Position, collate, scan, split
+from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.teacher import resolve_device, resolve_dtype, tokenizer_identity
 
@@ -58,6 +59,7 @@ FUSED_MIN_VOCAB = 16384
 LOSS_FIELDS = ("alpha", "lam", "lam_end", "divergence", "order", "ab_alpha", "ab_beta", "jsd_beta", "ce_weight",
                "tail", "stop_grad_r")
 KL = LossConfig.preset("kd")  # eval_kl: KL(p̄ ‖ q̄) over the k + 1 bins
+CE = LossConfig.preset("ce")  # the plain language-modelling loss on lm_data
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "progress", "num_workers", "device", "dtype", "fused", "log_every", "eval_every",
@@ -134,6 +136,11 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     num_workers: int = 2
     shuffle_buffer: int = 4096
+    lm_data: str | None = None
+    lm_weight: float = 1.0
+    lm_batch_size: int | None = None
+    lm_length: int = 512
+    lm_text_field: str = "text"
     resume: bool = False
     progress: bool = True
     trust_remote_code: bool = False
@@ -157,6 +164,10 @@ class TrainConfig:
             (min(self.eval_every, self.log_every, self.save_every) >= 1,
              "--eval-every, --log-every and --save-every must be at least 1"),
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
+            (self.lm_weight >= 0, f"--lm-weight must be at least 0, got {self.lm_weight}"),
+            (self.lm_batch_size is None or self.lm_batch_size >= 1,
+             f"--lm-batch-size must be at least 1, got {self.lm_batch_size}"),
+            (self.lm_length >= 2, f"--lm-length must be at least 2, got {self.lm_length}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -266,6 +277,21 @@ def _load_online_teacher(cfg: TrainConfig, cache: Cache, device, dtype: torch.dt
         cfg.online_teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
     return OnlineTeacher(model, float(cache.manifest.get("temperature", 1.0)))
+
+
+def _lm_stream(cfg: TrainConfig, model, tokenizer, log) -> LMStream:
+    """The plain-text stream for the language-modelling loss, tokenized with the student's tokenizer."""
+    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if context and cfg.lm_length > context:
+        raise TrainError(f"--lm-length {cfg.lm_length} is longer than the student's context of {context}")
+    try:
+        blocks = lm_blocks(cfg.lm_data, tokenizer, cfg.lm_length, cfg.lm_text_field)
+    except DataError as exc:
+        raise TrainError(str(exc)) from None
+    stream = LMStream(blocks, cfg.lm_batch_size or cfg.batch_size, cfg.seed)
+    log(f"language-modelling data {cfg.lm_data}: {blocks.size:,} tokens in {len(blocks):,} blocks of "
+        f"{cfg.lm_length}, {stream.batch_size} blocks beside each cache batch, weight {cfg.lm_weight}")
+    return stream
 
 
 def _fused_loss_fn():
@@ -540,6 +566,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if plan.examples == 0:
         raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")
     eval_batches = _eval_batches(eval_cache, eval_rows, eval_metas, cfg, pad_id)
+    lm_stream = _lm_stream(cfg, model, tokenizer, log) if cfg.lm_data else None
     if cfg.max_steps is not None:
         total_steps, loader_epochs = cfg.max_steps, None
     else:
@@ -631,11 +658,19 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             loss_cfg = cfg.loss.at_progress(step / total_steps)
             n_targets = sum(len(b["rows"]) for b, _ in micro)
             loss_sum = torch.zeros((), device=device)
-            for cpu_batch, pos_after in micro:
+            lm_sum = torch.zeros((), device=device)
+            for m, (cpu_batch, pos_after) in enumerate(micro):
                 batch = _to_device(cpu_batch, device)
                 with autocast():
                     per_position = batch_loss(head, batch, loss_cfg, fused, amp_dtype, teacher)
                 part = per_position.sum() / n_targets
+                if lm_stream is not None:  # one plain-text batch beside each cache batch
+                    lm_batch = _to_device(lm_stream.batch(step * cfg.grad_accum + m), device)
+                    with autocast():
+                        lm = batch_loss(head, lm_batch, CE, fused, amp_dtype).sum() / (
+                            len(micro) * lm_stream.targets_per_batch)
+                    part = part + cfg.lm_weight * lm
+                    lm_sum += lm.detach()
                 scaler.scale(part).backward()
                 loss_sum += part.detach()
                 tokens += cpu_batch["tokens"]
@@ -659,6 +694,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                 record = {"step": step, "epoch": round(position.epoch + _epoch_fraction(plan, position), 4),
                           "loss": loss_value, "lr": lr, "grad_norm": round(grad_norm, 6),
                           "tokens": tokens, "tokens_per_s": round(interval_tokens / elapsed, 1)}
+                if lm_stream is not None:
+                    record["lm_loss"] = lm_sum.item()
                 if cfg.loss.lam_end is not None:
                     record["lam"] = loss_cfg.lam
                 write_metrics(record)

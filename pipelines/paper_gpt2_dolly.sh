@@ -23,6 +23,11 @@ OUT=${OUT:-paper_out}
 EPOCHS=${EPOCHS:-10}
 LAMS=${LAMS:-0.1,0.5}
 AMID=${AMID:-amid}
+# Optional: plain text (e.g. an OpenWebText sample, one {"text": ...} per line) for the LM loss.
+LM_ARGS=()
+if [ -n "${LM_DATA:-}" ]; then
+  LM_ARGS=(--train-arg lm_data="$LM_DATA" --train-arg lm_length=512 --train-arg lm_batch_size=8)
+fi
 
 # Stage one, once: the teacher's top-64 on every response token of the training split.
 $AMID cache-teacher --teacher "$TEACHER" --data "$DATA/dolly_train.jsonl" --out "$OUT/cache" \
@@ -32,10 +37,12 @@ $AMID cache-teacher --teacher "$TEACHER" --data "$DATA/dolly_train.jsonl" --out 
 $AMID sweep --cache "$OUT/cache" --student "$STUDENT" --out "$OUT/sweep" \
     --preset kd,rkl,skl,srkl,gkd,taid,abkd,amid --alpha -3,-1,0,0.5,1 --lam "$LAMS" \
     --train-arg epochs="$EPOCHS" --train-arg batch_size=8 --train-arg grad_accum=4 \
-    --train-arg lr=5e-4 --train-arg eval_every=500 --train-arg save_every=500
+    --train-arg lr=5e-4 --train-arg eval_every=500 --train-arg save_every=500 ${LM_ARGS[@]+"${LM_ARGS[@]}"}
 
 # Evaluation: ROUGE-L on the five sets, 5 seeds each, for every finished run.
+shopt -s nullglob
 for run in "$OUT"/sweep/runs/*/; do
+  [ -d "$run/final" ] || continue   # a failed run (see the sweep's results table)
   for set in dolly_test self-inst_test vicuna_test sinst_test uinst_test; do
     [ -f "$run/eval_$set/eval.json" ] && continue
     $AMID eval --model "$run" --data "$DATA/$set.jsonl" --rouge --seeds 10,20,30,40,50 \

@@ -195,14 +195,18 @@ def test_final_model_loads_in_plain_transformers_and_generates(world, tmp_path):
         assert gen.shape[1] == ids["input_ids"].shape[1] + 5
 
 
-def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lm", [False, True], ids=["cache", "cache+lm"])
+def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypatch, lm):
     # A GPT-2 student with dropout (RNG state matters), a padded vocabulary, gradient
-    # accumulation, several windows per epoch and an epoch boundary inside the run.
+    # accumulation, several windows per epoch and an epoch boundary inside the run (and, with
+    # `lm`, a plain-text stream that wraps around its blocks during the run).
     student = tmp_path / "gpt2"
     make_tokenizer(student)
     make_gpt2(student, world["vocab"] + 5, seed=3, dropout=0.1)
     kw = dict(student=str(student), max_steps=8, grad_accum=2, batch_size=6, save_every=3, eval_every=4,
               shuffle_buffer=20, preset="amid", alpha=0.0, ce_weight=0.2)
+    if lm:
+        kw.update(lm_data=str(world["root"] / "data.jsonl"), lm_length=48, lm_batch_size=3)
     whole = train(config(world, tmp_path / "whole", **kw), log=quiet)
 
     import amid.train as amid_train
@@ -227,11 +231,89 @@ def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypat
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+    if lm:
+        lm_a = {m["step"]: m["lm_loss"] for m in metrics(tmp_path / "whole") if "lm_loss" in m}
+        lm_b = {m["step"]: m["lm_loss"] for m in metrics(tmp_path / "resumed") if "lm_loss" in m}
+        assert sorted(lm_a) == list(range(1, 9)) and lm_a == pytest.approx(lm_b, abs=1e-6)
     assert resumed["eval"]["eval_kl"] == pytest.approx(whole["eval"]["eval_kl"], abs=1e-6)
     evals = [m["step"] for m in metrics(tmp_path / "resumed") if "eval_kl" in m]
     assert evals == [0, 4, 8]
     with pytest.raises(TrainError, match="different lr"):
         train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3}), log=quiet)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optional plain language-modelling stream
+
+
+def test_lm_blocks_pack_tokenized_text_closed_by_eos(world):
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from amid.data import DataError, lm_blocks
+
+    data = world["root"] / "data.jsonl"
+    tok = AutoTokenizer.from_pretrained(world["student"])
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
+    want = [t for text in texts for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    blocks = lm_blocks(str(data), tok, 16)
+    assert blocks.dtype == np.int32 and blocks.shape == (len(want) // 16, 16)
+    assert blocks.reshape(-1).tolist() == want[: blocks.size]
+    with pytest.raises(DataError, match="--lm-text-field"):
+        lm_blocks(str(data), tok, 16, text_field="body")
+    with pytest.raises(DataError, match="fewer than one block"):
+        lm_blocks(str(data), tok, len(want) + 1)
+
+
+def test_lm_stream_is_a_function_of_the_index_and_covers_every_block():
+    import numpy as np
+
+    from amid.loader import LMStream
+
+    n, length, b = 7, 5, 3
+    blocks = np.arange(n * length, dtype=np.int32).reshape(n, length)
+    a, fresh = LMStream(blocks, b, seed=4), LMStream(blocks, b, seed=4)
+    assert torch.equal(fresh.batch(5)["input_ids"], a.batch(5)["input_ids"])  # no hidden state
+    served = torch.cat([a.batch(i)["input_ids"] for i in range(n)])  # 21 blocks: 3 epochs
+    which = (served[:, 0] // length).tolist()
+    for epoch in range(3):
+        assert sorted(which[epoch * n: (epoch + 1) * n]) == list(range(n))
+    assert which[:n] != which[n: 2 * n] or which[n: 2 * n] != which[2 * n:], "epochs reshuffle"
+    assert which[:n] != (torch.cat([LMStream(blocks, b, seed=5).batch(i)["input_ids"] for i in range(3)])[:n, 0]
+                         // length).tolist()
+    x = a.batch(2)
+    assert x["input_ids"].shape == (b, length) and bool(x["attention_mask"].all())
+    assert x["rows"].tolist() == [i * length + t for i in range(b) for t in range(length - 1)]
+    assert torch.equal(x["targets"], x["input_ids"][:, 1:].reshape(-1))
+    assert torch.equal(x["topk_ids"][:, 0], x["targets"]) and bool(torch.isneginf(x["tail_logmass"]).all())
+    assert torch.equal(x["topk_logprobs"], torch.zeros(b * (length - 1), 1))
+
+
+def test_lm_data_adds_its_loss_to_the_objective(world, tmp_path):
+    """Step 1 of a run with --lm-weight 1 and of one with 0 start from the same weights and data:
+    their losses differ by exactly the LM loss; after that the LM gradient has moved the student."""
+    lm = dict(lm_data=str(world["root"] / "data.jsonl"), lm_length=32, lm_batch_size=4, max_steps=12)
+    with_lm = train(config(world, tmp_path / "w1", **lm), log=quiet)
+    without = train(config(world, tmp_path / "w0", lm_weight=0.0, **lm), log=quiet)
+    m1 = [m for m in metrics(tmp_path / "w1") if "loss" in m]
+    m0 = [m for m in metrics(tmp_path / "w0") if "loss" in m]
+    assert len(m1) == len(m0) == 12 and all("lm_loss" in m for m in m1 + m0)
+    assert m1[0]["loss"] - m0[0]["loss"] == pytest.approx(m1[0]["lm_loss"], abs=1e-5)
+    assert m1[0]["lm_loss"] == pytest.approx(m0[0]["lm_loss"], abs=1e-6)
+    assert m1[-1]["lm_loss"] < m1[0]["lm_loss"] - 0.1, "the LM loss is trained"
+    # (Distillation alone lowers it too here: the text was sampled from the teacher.)
+    assert m1[-1]["lm_loss"] != pytest.approx(m0[-1]["lm_loss"], abs=1e-4)
+    assert with_lm["eval"]["eval_kl"] != pytest.approx(without["eval"]["eval_kl"], abs=1e-6)
+
+
+def test_lm_data_refusals(world, tmp_path):
+    with pytest.raises(TrainError, match="context"):
+        train(config(world, tmp_path / "a", lm_data=str(world["root"] / "data.jsonl"), lm_length=4096), log=quiet)
+    with pytest.raises(TrainError, match="lm-text-field"):
+        train(config(world, tmp_path / "b", lm_data=str(world["root"] / "data.jsonl"), lm_length=32, lm_text_field="body"),
+              log=quiet)
+    with pytest.raises(ValueError, match="--lm-length"):
+        config(world, tmp_path / "c", lm_length=1)
 
 
 @pytest.mark.slow
