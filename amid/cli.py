@@ -115,7 +115,8 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
     c = m["counts"]
     rows = [
         ("cache", cache_dir),
-        ("teacher", m["teacher"]["name_or_path"] + f" ({m.get('teacher_dtype', '?')})"),
+        ("teacher", m["teacher"]["name_or_path"] + f" ({m.get('teacher_dtype', '?')}"
+                    + (", LM head in float32)" if m.get("teacher_logits") == "float32 head" else ")")),
         ("tokenizer", f"{m['tokenizer']['vocab_size']} tokens, sha256 {m['tokenizer']['vocab_sha256'][:12]}…"),
         ("vocab (logits)", m["vocab_size"]),
         ("top-k", m["k"]),
