@@ -153,7 +153,8 @@ class ShardRecord:
 
 
 class ShardWriter:
-    """Collects examples of one shard task and writes them atomically as one Parquet file."""
+    """Collects examples of one shard task and writes its two Parquet files, each atomically.
+    The pair counts as a shard only once the caller records `close()`'s result (Progress.add)."""
 
     def __init__(self, directory: Path, task: int, vocab_size: int, k: int):
         self.directory = Path(directory)
@@ -311,6 +312,12 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
     if old.get("format_version") != new.get("format_version"):
         return (f"{directory} holds a cache in format version {old.get('format_version')}, this amid writes "
                 f"version {new.get('format_version')}; choose another --out directory or delete that one")
+    old_t, new_t = old.get("teacher") or {}, new.get("teacher") or {}
+    how = ("dtype", "logits")
+    if old_t != new_t and {k: v for k, v in old_t.items() if k not in how} == {k: v for k, v in new_t.items() if k not in how}:
+        return (f"{directory} holds a cache computed with the teacher in {old_t.get('dtype')} ({old_t.get('logits')} "
+                f"logits), this run computes {new_t.get('dtype')} ({new_t.get('logits')} logits); rerun with the same "
+                f"--dtype, or choose another --out directory")
     diffs = [key for key in ("teacher", "tokenizer", "k", "temperature", "data") if old.get(key) != new.get(key)]
     what = ", ".join(diffs) if diffs else "settings"
     return (
@@ -342,7 +349,8 @@ def finalize(directory: Path, header: dict[str, Any], num_tasks: int, extra: dic
         if state.get("fingerprint") != header["fingerprint"]:
             raise CacheError(f"{p}: belongs to a different cache run; delete it")
         for rec in state.get("shards", []):
-            shards[rec["task"]] = rec
+            if _present(directory, rec):  # a record whose files are gone is not a finished task
+                shards[rec["task"]] = rec
     if sorted(shards) != list(range(num_tasks)):
         return None
     records = [shards[t] for t in range(num_tasks)]
@@ -464,7 +472,12 @@ class Cache:
 
     def iter_shard(self, index: int) -> Iterator[dict[str, Any]]:
         """Examples of one shard, in example_id order."""
-        yield from decode_shard(self.read_part(index, "examples"), self.read_part(index, "topk"), self.k)
+        examples, topk = self.read_part(index, "examples"), self.read_part(index, "topk")
+        positions = pc.sum(pc.list_value_length(examples.column("positions"))).as_py() or 0
+        if topk.num_rows != positions * self.k:  # cannot happen with checksums on; never decode shifted rows
+            raise CacheError(f"shard {self.shard_path(index, 'topk')}: {topk.num_rows} top-k rows for {positions} "
+                             f"positions at k={self.k}; recreate the cache")
+        yield from decode_shard(examples, topk, self.k)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self.shards)):

@@ -341,7 +341,7 @@ def iter_batches(examples: list[Example], max_tokens: int, max_batch: int) -> It
     return cut_batches(order, [len(e.input_ids) for e in order], max_batch, max_tokens)
 
 
-def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text", limit: int | None = None):
+def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text"):
     """Plain text as an [n, length] int32 array of token blocks, for a language-modelling loss.
 
     Each record's `text_field` is tokenized without special tokens and closed by EOS; everything
@@ -350,18 +350,18 @@ def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text", lim
     """
     import numpy as np
 
-    records = load_records(source, limit=limit)
+    records = load_records(source)
     if text_field not in records[0]:
         raise DataError(f"{source}: no field {text_field!r} (fields: {', '.join(sorted(records[0]))}); "
                         f"pass --lm-text-field")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     texts = [str(r.get(text_field) or "") for r in records]
-    ids: list[int] = []
+    parts = []  # int32 arrays of 1,000 documents each: no Python list of every token
     for start in range(0, len(texts), 1000):
-        for seq in tokenizer(texts[start: start + 1000], add_special_tokens=False)["input_ids"]:
-            ids.extend(seq)
-            ids.extend(eos)
+        seqs = tokenizer(texts[start: start + 1000], add_special_tokens=False)["input_ids"]
+        parts.append(np.fromiter((t for seq in seqs for t in (*seq, *eos)), dtype=np.int32))
+    ids = np.concatenate(parts)
     n = len(ids) // length
     if n == 0:
         raise DataError(f"{source}: {len(ids)} tokens, fewer than one block of --lm-length {length}")
-    return np.asarray(ids[: n * length], dtype=np.int32).reshape(n, length)
+    return ids[: n * length].reshape(n, length)

@@ -72,6 +72,10 @@ class TargetLogits:
     the target rows only: a bf16/fp16 teacher's logits are not rounded to its dtype's 8/11
     significant bits before the softmax, and no [B, T, V] logits tensor is built. Any other
     model's own logits (in its dtype) are used. `mode` says which: "float32 head" or "model".
+    The plain-head check is `Head`'s, made once when this is built (a 12-token probe).
+
+    The float32 matmul follows the process's TF32 setting (PyTorch's default: off, exact); it is
+    not changed here, since flipping that global flag would leak into the caller's code.
     """
 
     def __init__(self, model):
@@ -81,17 +85,10 @@ class TargetLogits:
             head = self.route.head
             self.weight = head.weight.float()  # a copy only when the model is not float32
             self.bias = None if head.bias is None else head.bias.float()
-            # bf16/fp16 values are exact in TF32 (11 significant bits), so TF32 loses nothing here.
-            self.tf32 = head.weight.dtype in (torch.bfloat16, torch.float16)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = old or self.tf32
-        try:
-            with torch.autocast(hidden.device.type, enabled=False):  # float32 even inside a training autocast
-                return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
+        with torch.autocast(hidden.device.type, enabled=False):  # float32 even inside a training autocast
+            return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
 
     @torch.no_grad()
     def chunks(self, batch: dict[str, Any], rows_per_chunk: int) -> Iterator[torch.Tensor]:

@@ -104,7 +104,9 @@ def model_identity(name_or_path: str, model) -> dict[str, Any]:
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
         ident["weights_sha256"] = h.hexdigest()
-    ident["config"] = {k: v for k, v in model.config.to_diff_dict().items() if not k.startswith("_")}
+    # The architecture, not how it was loaded: the dtype the forward runs in is recorded separately.
+    ident["config"] = {k: v for k, v in model.config.to_diff_dict().items()
+                       if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
     return ident
 
 
@@ -196,16 +198,20 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         # The content, not just the file name: resuming over edited data must be refused.
         "examples_sha256": _examples_digest(examples),
     }
+    logits = TargetLogits(model)
+    # How the values were computed belongs to the identity: a resume with another --dtype (or by an
+    # amid that computes the head differently) must not mix its shards with these.
+    teacher_dtype = str(dtype).replace("torch.", "")
     header = make_header(
-        teacher=model_identity(cfg.teacher, model), tokenizer=tokenizer_identity(tokenizer),
-        k=min(cfg.top_k, vocab_size), temperature=cfg.temperature, data=data_ident, vocab_size=vocab_size,
+        teacher={**model_identity(cfg.teacher, model), "dtype": teacher_dtype, "logits": logits.mode},
+        tokenizer=tokenizer_identity(tokenizer), k=min(cfg.top_k, vocab_size), temperature=cfg.temperature,
+        data=data_ident, vocab_size=vocab_size,
     )
     header["config"] = dataclasses.asdict(cfg)
     header["amid_version"] = __version__
-    header["teacher_dtype"] = str(dtype).replace("torch.", "")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logits = TargetLogits(model)
+    header["teacher_dtype"] = teacher_dtype
     header["teacher_logits"] = logits.mode
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:

@@ -248,7 +248,8 @@ def _vocab_size(model) -> int:
 
 class OnlineTeacher:
     """A teacher in memory, for the full-vocabulary reference path (`online_teacher`). Its logits
-    come the way `cache-teacher` computes them (float32 LM head on the target rows)."""
+    come the way `cache-teacher` computed the cache's: the model in its own dtype (not under the
+    trainer's autocast), the LM head in float32 on the target rows."""
 
     def __init__(self, model, temperature: float):
         self.target = TargetLogits(model)
@@ -258,21 +259,23 @@ class OnlineTeacher:
     def logits(self, batch: dict[str, Any], width: int) -> torch.Tensor:
         """[N, width] float32 logits at the target rows, tempered like the cache, padded with −inf
         to the student's (possibly larger) vocabulary."""
-        (z,) = self.target.chunks(batch, max(1, len(batch["rows"])))  # one chunk: all rows
+        with torch.autocast(batch["input_ids"].device.type, enabled=False):
+            (z,) = self.target.chunks(batch, max(1, len(batch["rows"])))  # one chunk: all rows
         z = z / self.temperature
         if z.shape[-1] < width:
             z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
         return z
 
 
-def _load_online_teacher(cfg: TrainConfig, cache: Cache, device, dtype: torch.dtype) -> OnlineTeacher:
-    """The online teacher in the training dtype (bf16 under bf16 autocast: half the memory of
-    float32 weights, and no weight casts at every forward)."""
+def _load_online_teacher(cfg: TrainConfig, cache: Cache, device) -> OnlineTeacher:
+    """The online teacher in the dtype the cache's teacher ran in (float32 for caches that do not
+    say), so that the two paths differ only by what the cache keeps (top-k, rounding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.online_teacher, trust_remote_code=cfg.trust_remote_code)
     if tokenizer_identity(tokenizer) != cache.manifest["tokenizer"]:
         raise TrainError(f"online teacher {cfg.online_teacher} has a different tokenizer than the cache {cache.path}")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cache.manifest.get("teacher_dtype"), torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.online_teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
@@ -537,7 +540,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = Head(model)
-    teacher = _load_online_teacher(cfg, cache, device, amp_dtype) if cfg.online_teacher else None
+    teacher = _load_online_teacher(cfg, cache, device) if cfg.online_teacher else None
     fused = None
     big_vocab = _vocab_size(model) >= FUSED_MIN_VOCAB
     if teacher is None and (cfg.fused or (cfg.fused is None and device.type == "cuda" and big_vocab)):
@@ -566,7 +569,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if plan.examples == 0:
         raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")
     eval_batches = _eval_batches(eval_cache, eval_rows, eval_metas, cfg, pad_id)
-    lm_stream = _lm_stream(cfg, model, tokenizer, log) if cfg.lm_data else None
     if cfg.max_steps is not None:
         total_steps, loader_epochs = cfg.max_steps, None
     else:
@@ -580,6 +582,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             save_model_dir(out / "final", model, tokenizer)
         summary_path = out / "summary.json"
         return json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out)}
+
+    lm_stream = _lm_stream(cfg, model, tokenizer, log) if cfg.lm_data else None
 
     # --- optimizer (decay on matrices only, nanoGPT style)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -666,10 +670,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                 part = per_position.sum() / n_targets
                 if lm_stream is not None:  # one plain-text batch beside each cache batch
                     lm_batch = _to_device(lm_stream.batch(step * cfg.grad_accum + m), device)
-                    with autocast():
+                    # weight 0: the LM loss is only watched (metrics), not trained
+                    with autocast(), torch.set_grad_enabled(cfg.lm_weight > 0):
                         lm = batch_loss(head, lm_batch, CE, fused, amp_dtype).sum() / (
                             len(micro) * lm_stream.targets_per_batch)
-                    part = part + cfg.lm_weight * lm
+                    if cfg.lm_weight > 0:
+                        part = part + cfg.lm_weight * lm
                     lm_sum += lm.detach()
                 scaler.scale(part).backward()
                 loss_sum += part.detach()

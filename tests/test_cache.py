@@ -215,10 +215,54 @@ def test_bf16_teacher_log_probs_come_from_a_float32_head(teachers, data_files, t
                                         > LP_REL * own_lp.abs() + 1e-5).any())
     assert bf16_logits_would_fail, "the bf16 logits were as exact as the stored values: the test shows nothing"
 
+    # The trainer's online reference runs the teacher the same way (bf16 body, float32 head).
+    from amid.cache import open_cache as _open
+    from amid.train import TrainConfig, _load_online_teacher
+
+    cfg = TrainConfig(cache=str(out), student=str(teachers["llama"]), out=str(tmp_path / "run"),
+                      online_teacher=str(teachers["llama"]))
+    online = _load_online_teacher(cfg, _open(out), torch.device("cpu"))
+    assert online.target.route.model.dtype == torch.bfloat16 and online.target.mode == "float32 head"
+    ex = next(iter(open_cache(out)))
+    batch = {"input_ids": ex["input_ids"][None], "attention_mask": torch.ones(1, len(ex["input_ids"]), dtype=torch.long),
+             "rows": ex["positions"]}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as inside the training step
+        z = online.logits(batch, model.get_output_embeddings().weight.shape[0])
+    z_ref, _ = _head_input_logits(model, ex["input_ids"].tolist())
+    assert torch.allclose(z.double(), z_ref[ex["positions"]], rtol=1e-6, atol=1e-5)
+
+
+def test_resume_with_another_teacher_dtype_is_refused(teachers, data_files, tmp_path):
+    out = tmp_path / "cache"
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), out=str(out), limit=4,
+              examples_per_shard=2)
+    import amid.teacher as teacher_mod
+
+    real = teacher_mod.ShardWriter.close
+    calls = {"n": 0}
+
+    def close_then_die(self):
+        calls["n"] += 1
+        rec = real(self)
+        if calls["n"] == 1:
+            raise KeyboardInterrupt("killed after the first shard")
+        return rec
+
+    teacher_mod.ShardWriter.close = close_then_die
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_cache(**kw)
+    finally:
+        teacher_mod.ShardWriter.close = real
+    with pytest.raises(CacheError, match="bfloat16.*--dtype"):
+        run_cache(dtype="bf16", **kw)
+    assert run_cache(dtype="fp32", **kw)["counts"]["examples"] == 4  # the same settings resume
+
 
 def test_teacher_that_transforms_its_head_output_keeps_its_own_logits(data_files, tmp_path):
-    """Gemma 2 soft-caps its logits after the LM head: the first batch detects it and the cache
-    holds the model's own (capped) distribution."""
+    """Gemma 2 soft-caps its logits after the LM head: the plain-head probe at load time sees it
+    (the cap is set low so a random tiny model's logits reach it) and the cache holds the model's
+    own (capped) distribution."""
     from transformers import AutoModelForCausalLM, Gemma2Config
 
     from helpers import train_tokenizer
