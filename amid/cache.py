@@ -314,7 +314,8 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
                 f"version {new.get('format_version')}; choose another --out directory or delete that one")
     old_t, new_t = old.get("teacher") or {}, new.get("teacher") or {}
     how = ("dtype", "logits")
-    if old_t != new_t and {k: v for k, v in old_t.items() if k not in how} == {k: v for k, v in new_t.items() if k not in how}:
+    same_model = {k: v for k, v in old_t.items() if k not in how} == {k: v for k, v in new_t.items() if k not in how}
+    if old_t != new_t and same_model:
         return (f"{directory} holds a cache computed with the teacher in {old_t.get('dtype')} ({old_t.get('logits')} "
                 f"logits), this run computes {new_t.get('dtype')} ({new_t.get('logits')} logits); rerun with the same "
                 f"--dtype, or choose another --out directory")
@@ -538,7 +539,7 @@ def decode_shard(examples: pa.Table, topk: pa.Table, k: int) -> Iterator[dict[st
     input_ids = _to_torch(in_val, torch.int64)
     positions = _to_torch(pos_val, torch.int64)
     tail = _to_torch(tail_val, torch.float32)
-    # Rows in the topk file follow the positions' order, k per position (checked by Cache.check).
+    # Rows in the topk file follow the positions' order, k per position (Cache.iter_shard checks the count).
     topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int64).view(-1, k)
     topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float32).view(-1, k)
     for i, ex_id in enumerate(examples.column("example_id").to_numpy().tolist()):
