@@ -57,7 +57,7 @@ def main() -> None:
 @click.option("--batch-size", default=16, show_default=True, help="Most sequences per teacher forward.")
 @click.option("--max-tokens", default=16384, show_default=True, help="Most (padded) tokens per teacher forward.")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="Teacher forward dtype (auto: bf16/fp16 on GPU, fp32 on CPU). Top-k and tail are always float32.")
+              help="Teacher body dtype (auto: bf16/fp16 on GPU, fp32 on CPU). LM head, top-k, tail: float32.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
 @click.option("--temperature", default=1.0, show_default=True, help="Teacher softmax temperature.")
 @click.option("--template", type=click.Choice(["auto", "text", "plain", "dolly", "chat"]), default="auto",
@@ -67,7 +67,9 @@ def main() -> None:
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--split", default="train", show_default=True, help="Split of a datasets name.")
 @click.option("--limit", type=int, default=None, help="Use only the first N records.")
-@click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per Parquet shard.")
+@click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per shard, at most.")
+@click.option("--positions-per-shard", default=262_144, show_default=True,
+              help="Target positions per shard, at most (bounds the memory of reading one shard).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
@@ -270,6 +272,8 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--lm-text-field", default="text", show_default=True, help="Field holding the text in --lm-data.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward (less memory).")
 @click.option("--num-workers", default=2, show_default=True, help="Threads reading cache shards.")
+@click.option("--shuffle-buffer", default=4096, show_default=True,
+              help="Examples shuffled together (whole shards are read; two windows are held in memory).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

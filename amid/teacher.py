@@ -59,6 +59,8 @@ class CacheConfig:
     limit: int | None = None
     overflow: str = "error"
     examples_per_shard: int = 2048
+    # Also bounds a shard's decoded size (positions × k × 12 bytes: 200 MB at k = 64) for long texts.
+    positions_per_shard: int = 262_144
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
@@ -68,8 +70,9 @@ class CacheConfig:
             raise ValueError(f"--temperature must be positive, got {self.temperature}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
-        if self.batch_size < 1 or self.max_tokens < 1 or self.examples_per_shard < 1:
-            raise ValueError("--batch-size, --max-tokens and examples per shard must be positive")
+        if min(self.batch_size, self.max_tokens, self.examples_per_shard, self.positions_per_shard) < 1:
+            raise ValueError("--batch-size, --max-tokens, --examples-per-shard and --positions-per-shard must be "
+                             "positive")
 
     def template_config(self) -> TemplateConfig:
         return TemplateConfig(
@@ -194,7 +197,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         "source": cfg.data, "split": cfg.split, "limit": cfg.limit, "template": template,
         "fields": {"prompt": cfg.prompt_field, "response": cfg.response_field, "text": cfg.text_field},
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
-        "examples_per_shard": cfg.examples_per_shard,
+        "examples_per_shard": cfg.examples_per_shard, "positions_per_shard": cfg.positions_per_shard,
         # The content, not just the file name: resuming over edited data must be refused.
         "examples_sha256": _examples_digest(examples),
     }
@@ -234,7 +237,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     state = Progress(out, rank, header)
     state.save()  # from now on the directory is recognisably this cache, even before its first shard
     k = header["k"]
-    tasks = [examples[i: i + cfg.examples_per_shard] for i in range(0, len(examples), cfg.examples_per_shard)]
+    tasks = shard_tasks(examples, cfg.examples_per_shard, cfg.positions_per_shard)
     finished = finished_tasks(out, header)  # by any rank: a resume may use another world size
     mine = [t for t in range(len(tasks)) if t % world == rank and t not in finished]
     todo_positions = sum(len(e.positions) for t in mine for e in tasks[t])
@@ -268,6 +271,23 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         f"mean tail mass {c['mean_tail_mass']:.4f}, wall {time.time() - start:.1f} s"
     )
     return manifest
+
+
+def shard_tasks(examples: list[Example], max_examples: int, max_positions: int) -> list[list[Example]]:
+    """Consecutive groups of examples, one per shard: at most `max_examples` examples and at most
+    `max_positions` target positions each (an example longer than that gets a shard of its own)."""
+    tasks: list[list[Example]] = []
+    current: list[Example] = []
+    positions = 0
+    for e in examples:
+        if current and (len(current) == max_examples or positions + len(e.positions) > max_positions):
+            tasks.append(current)
+            current, positions = [], 0
+        current.append(e)
+        positions += len(e.positions)
+    if current:
+        tasks.append(current)
+    return tasks
 
 
 def _examples_digest(examples: list[Example]) -> str:

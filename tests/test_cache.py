@@ -286,6 +286,26 @@ def test_teacher_that_transforms_its_head_output_keeps_its_own_logits(data_files
         assert_matches_reference(ex, torch.log_softmax(own, -1)[ex["positions"]], K)
 
 
+def test_shards_are_bounded_by_examples_and_by_positions(teachers, data_files, tmp_path):
+    from amid.data import Example
+    from amid.teacher import shard_tasks
+
+    examples = [Example(example_id=i, input_ids=list(range(n + 1)), positions=list(range(n)))
+                for i, n in enumerate([3, 4, 10, 2, 2, 2, 1, 5])]
+    tasks = shard_tasks(examples, max_examples=3, max_positions=6)
+    assert [[e.example_id for e in t] for t in tasks] == [[0], [1], [2], [3, 4, 5], [6, 7]]
+    assert [e for t in tasks for e in t] == examples  # every example once, in order
+    assert shard_tasks(examples, 100, 10**9) == [examples]
+
+    out = tmp_path / "cache"
+    manifest = run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["text"]), out=str(out),
+                         positions_per_shard=40)
+    cache = open_cache(out)
+    assert manifest["data"]["positions_per_shard"] == 40 and len(cache.shards) > 1
+    assert all(s["positions"] <= 40 or s["examples"] == 1 for s in cache.shards)
+    assert sum(s["examples"] for s in cache.shards) == manifest["counts"]["examples"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Resume
 
