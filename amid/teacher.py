@@ -224,7 +224,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     if old is not None and (out / MANIFEST).exists():
         log(f"{out}: cache already complete; nothing to do")
         return json.loads((out / MANIFEST).read_text())
-    if out.exists() and old is None and any(out.iterdir()):
+    # Hidden entries do not count: under torchrun another rank may be writing its first progress
+    # file (".progress-rankR.json.tmp-PID") at this very moment.
+    if out.exists() and old is None and any(not f.name.startswith(".") for f in out.iterdir()):
         raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
     for stale, task in temporary_files(out):  # left by a killed writer; never visible as a shard
