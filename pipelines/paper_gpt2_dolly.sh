@@ -49,4 +49,5 @@ for run in "$OUT"/sweep/runs/*/; do
         --max-new-tokens 512 --max-length 512 --out "$run/eval_$set"
   done
 done
-echo "ROUGE-L per run and set: $OUT/sweep/runs/*/eval_*/eval.json"
+echo "ROUGE-L per run and set: $OUT/sweep/runs/*/eval_*/eval.json; the table:"
+${PYTHON:-python} -m pipelines.paper_table "$OUT"

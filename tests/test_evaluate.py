@@ -55,3 +55,26 @@ def test_chat_prompts_go_through_the_chat_template():
     assert plain == "Name a color."
     with pytest.raises(DataError, match="chat template"):
         _encode_prompt(train_tokenizer(), "x", chat=True)
+
+
+def test_paper_table_reads_the_recipes_eval_files(tmp_path, capsys):
+    import json as _json
+
+    from pipelines.paper_table import SETS, main
+
+    def put(run: str, stem: str, seeds: list[float]) -> None:
+        d = tmp_path / "sweep" / "runs" / run / f"eval_{stem}"
+        d.mkdir(parents=True)
+        (d / "eval.json").write_text(_json.dumps({"rougeL": sum(seeds) / len(seeds), "rougeL_per_seed": seeds}))
+
+    assert main([str(tmp_path)]) == 1 and "no eval.json" in capsys.readouterr().out
+    for i, (stem, _) in enumerate(SETS):
+        put("kd", stem, [20.0 + i, 22.0 + i])
+    put("amid_a0.5", "dolly_test", [30.0])
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| run | Dolly | SelfInst | Vicuna | S-NI | UnNI | average |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    # kd: mean 21 + i, sample std of (20 + i, 22 + i) = √2; average over the five sets 23.
+    assert rows["kd"] == "| kd | 21.00 (1.41) | 22.00 (1.41) | 23.00 (1.41) | 24.00 (1.41) | 25.00 (1.41) | 23.00 |"
+    assert rows["amid_a0.5"] == "| amid_a0.5 | 30.00 | · | · | · | · | · |"
