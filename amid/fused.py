@@ -32,7 +32,7 @@ itself (forward and backward; `amid.losses.bins_loss` calls `compiled_objective`
 ~200 small launches. The top-k membership test inside a kernel reads a bit mask of S (one bit
 per vocabulary entry). Elsewhere the same steps run as chunked eager PyTorch. ``AMID_COMPILE=0``
 disables the compiled path, ``AMID_COMPILE=1`` forces it (CPU too, through Inductor's C++
-backend). `amid.losses.student_bins` (the materialised path) uses the same kernels. A compile
+backend). `amid.bins.student_bins` (the materialised path) uses the same kernels. A compile
 failure warns once and falls back to the eager code.
 """
 
@@ -46,17 +46,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from amid.losses import (
-    LossConfig,
-    _bin_grads,
-    _BinGrads,
-    _bins_loss_eager,
-    _compute_dtype,
-    _dense_tail_grad_,
-    _scaled,
-    bins_loss,
-    tail_weight_degree,
-)
+from amid.bins import BinGrads, bin_grads, compute_dtype, dense_tail_grad_, scaled
+from amid.losses import LossConfig, bins_loss, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
 
@@ -185,22 +176,22 @@ def _stats_c(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
     return _run_compiled(_k_stats, key, lg, ids, s, cdtype)
 
 
-def _grad_c(lg: Tensor, cols: Tensor, bg: _BinGrads, s: float | None, cdtype: torch.dtype) -> Tensor:
+def _grad_c(lg: Tensor, cols: Tensor, bg: BinGrads, s: float | None, cdtype: torch.dtype) -> Tensor:
     key = ("grad", lg.dtype, lg.shape[1], s, lg.device.type)
     return _run_compiled(_k_grad, key, lg, cols, bg.coef, bg.lse_tail, bg.gs, bg.lse_s_tail, bg.g_top, s, cdtype)
 
 
-def bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s) -> _BinGrads:
-    """`amid.losses._bin_grads`, compiled where the kernels are (a dozen small ops → one)."""
+def compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s) -> BinGrads:
+    """`amid.bins.bin_grads`, compiled where the kernels are (a dozen small ops → one)."""
     if compiled_kernels_enabled(log_q_s):
         key = ("bin_grads", log_q_s.dtype, s, log_q_s.device.type)
         try:
-            return _BinGrads(*_run_compiled(
-                _bin_grads, key, g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s
+            return BinGrads(*_run_compiled(
+                bin_grads, key, g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s
             ))
         except _CompileFailed:
             pass
-    return _bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+    return bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
 
 
 def logit_stats(logits: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
@@ -209,21 +200,21 @@ def logit_stats(logits: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtyp
     return _stats_c(logits, ids, s, cdtype)
 
 
-def logit_grad(logits: Tensor, ids: Tensor, bg: _BinGrads, s: float | None, cdtype: torch.dtype) -> Tensor:
+def logit_grad(logits: Tensor, ids: Tensor, bg: BinGrads, s: float | None, cdtype: torch.dtype) -> Tensor:
     """dL/dlogits [N, V] in the logits' dtype, compiled."""
     return _grad_c(logits, ids, bg, s, cdtype)
 
 
-def compiled_objective(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config):
-    """`bins_loss` through torch.compile (forward and backward each a few fused kernels instead
-    of ~200 small launches), or None where that is off. Configurations with a λ schedule stay
-    eager: their λ changes every step and would recompile."""
+def compiled_objective(eager, log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config):
+    """`eager(log_q_s, ..., config)` (`bins_loss`'s eager body) through torch.compile (forward and
+    backward each a few fused kernels instead of ~200 small launches), or None where that is off.
+    Configurations with a λ schedule stay eager: their λ changes every step and would recompile."""
     if config.lam_end is not None or not compiled_kernels_enabled(log_q_s):
         return None
     key = ("objective", config, log_q_s.dtype, log_q_s.device.type)
     fn = _compile_state.get(("objective-fn", config))
     if fn is None:
-        fn = _objective_for(config)
+        fn = _objective_for(eager, config)
         _compile_state[("objective-fn", config)] = fn
     try:
         return _run_compiled(fn, key, log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass)
@@ -231,9 +222,9 @@ def compiled_objective(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logma
         return None
 
 
-def _objective_for(config: LossConfig):
+def _objective_for(eager, config: LossConfig):
     def objective(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass):
-        return _bins_loss_eager(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)
+        return eager(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)
 
     return objective
 
@@ -288,25 +279,25 @@ def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fa
     z_s = lg.gather(1, ids).to(cdtype)
     z = _eager_mask(lg, ids, cdtype)
     lse_tail = torch.logsumexp(z, dim=1)
-    lse_s_tail = torch.logsumexp(_scaled(z, s), dim=1) if s is not None else torch.zeros_like(lse_tail)
+    lse_s_tail = torch.logsumexp(scaled(z, s), dim=1) if s is not None else torch.zeros_like(lse_tail)
     lse = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail)
     log_q_tail, log_gamma = _bins_from_stats(lse, lse_tail, lse_s_tail, s)
     return z_s - lse[:, None], lse_tail, lse_s_tail, log_q_tail, log_gamma, z
 
 
-def _row_grad(lg: Tensor, handle: Tensor | None, ids: Tensor, bg: _BinGrads, s, cdtype) -> Tensor:
+def _row_grad(lg: Tensor, handle: Tensor | None, ids: Tensor, bg: BinGrads, s, cdtype) -> Tensor:
     """dL/dlogits for one row chunk, in the logits' dtype (consumes `handle`)."""
     if handle is None:
         try:
             return _grad_c(lg, ids, bg, s, cdtype)
         except _CompileFailed:
             handle = _eager_mask(lg, ids, cdtype)
-    g = _dense_tail_grad_(handle, bg, s)  # top-k entries of `handle` are −inf: 0 here
+    g = dense_tail_grad_(handle, bg, s)  # top-k entries of `handle` are −inf: 0 here
     g.scatter_(1, ids, bg.g_top)
     return g.to(lg.dtype)
 
 
-def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: _BinGrads, s, cdtype, fast: bool) -> Tensor:
+def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: BinGrads, s, cdtype, fast: bool) -> Tensor:
     """dL/dlogits for the vocabulary block [v0, v0 + width) of every row."""
     cols = ids - v0
     if fast:
@@ -317,7 +308,7 @@ def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: _BinGrads, s, cdtype, fast
     width = lg.shape[1]
     valid = (cols >= 0) & (cols < width)
     z = lg if lg.dtype == cdtype else lg.to(cdtype)
-    g = _dense_tail_grad_(z, bg, s)
+    g = dense_tail_grad_(z, bg, s)
     r = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
     g[r[valid], cols[valid]] = bg.g_top[valid]
     return g.to(lg.dtype)
@@ -381,7 +372,7 @@ class _FusedBins(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, s, rows_per_chunk, fast, fwd_rows):  # type: ignore[override]
-        cdtype = _compute_dtype(hidden)
+        cdtype = compute_dtype(hidden)
         n, v = hidden.shape[0], weight.shape[0]
         log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma = _forward_stats(
             hidden, weight, bias, ids, s, cdtype, fwd_rows, fast
@@ -395,7 +386,7 @@ class _FusedBins(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_s, g_tail, g_gamma):  # type: ignore[override]
         hidden, weight, bias, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail = ctx.saved_tensors
-        bg = bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, ctx.s)
+        bg = compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, ctx.s)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         gh, gw, gb = _backward_blocks(hidden, weight, bias, ids, bg, ctx.s, ctx.cdtype, ctx.cols, ctx.fast, needs)
         return gh, gw, gb, None, None, None, None, None
@@ -406,7 +397,7 @@ class _FusedLossForwardGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, p_s, p_tail, config, s, rows_per_chunk, fast):  # type: ignore[override]
-        cdtype = _compute_dtype(hidden)
+        cdtype = compute_dtype(hidden)
         n, v = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -416,7 +407,7 @@ class _FusedLossForwardGrad(torch.autograd.Function):
         gh = torch.empty_like(hidden) if need_h else None
         gw = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
         gb = torch.zeros(v, dtype=acc_dtype, device=weight.device) if need_b else None
-        parts: list[_BinGrads] = []
+        parts: list[BinGrads] = []
         for r0 in range(0, n, rows_per_chunk):
             rows = slice(r0, min(n, r0 + rows_per_chunk))
             h = hidden[rows]
@@ -435,7 +426,7 @@ class _FusedLossForwardGrad(torch.autograd.Function):
                     grads = (None, None, None)
             loss[rows] = chunk_loss.detach()
             g_s, g_tail, g_gamma = (torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
-            bg = bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+            bg = compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
             parts.append(bg)
             g = _row_grad(lg, handle, idx, bg, s, cdtype)
             del lg, handle
@@ -449,7 +440,7 @@ class _FusedLossForwardGrad(torch.autograd.Function):
             if need_b:
                 gb.add_(g.sum(dim=0, dtype=acc_dtype))
         if want_grad:
-            bg_all = _BinGrads(
+            bg_all = BinGrads(
                 *(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5))
             ) if parts else None
             ctx.bg = bg_all
