@@ -289,10 +289,11 @@ def test_lm_stream_is_a_function_of_the_index_and_covers_every_block():
     assert torch.equal(x["topk_logprobs"], torch.zeros(b * (length - 1), 1))
 
 
-def test_lm_data_adds_its_loss_to_the_objective(world, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_lm_data_adds_its_loss_to_the_objective(world, tmp_path, fused):
     """Step 1 of a run with --lm-weight 1 and of one with 0 start from the same weights and data:
     their losses differ by exactly the LM loss; after that the LM gradient has moved the student."""
-    lm = dict(lm_data=str(world["root"] / "data.jsonl"), lm_length=32, lm_batch_size=4, max_steps=12)
+    lm = dict(lm_data=str(world["root"] / "data.jsonl"), lm_length=32, lm_batch_size=4, max_steps=12, fused=fused)
     with_lm = train(config(world, tmp_path / "w1", **lm), log=quiet)
     without = train(config(world, tmp_path / "w0", lm_weight=0.0, **lm), log=quiet)
     m1 = [m for m in metrics(tmp_path / "w1") if "loss" in m]
