@@ -192,13 +192,13 @@ class Plan:
 
 def pad_right(sequences: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded [B, T] int64 input_ids and attention_mask of token sequences (lists or tensors)."""
-    longest = max(len(x) for x in sequences)
-    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for b, x in enumerate(sequences):
-        input_ids[b, : len(x)] = torch.as_tensor(x)
-        mask[b, : len(x)] = 1
-    return input_ids, mask
+    seqs = [torch.as_tensor(x, dtype=torch.long) for x in sequences]
+    lengths = torch.tensor([x.shape[0] for x in seqs])
+    longest = int(lengths.max()) if len(seqs) else 0
+    mask = torch.arange(longest)[None, :] < lengths[:, None]
+    input_ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    input_ids[mask] = torch.cat(seqs) if seqs else input_ids[mask]  # row-major: each row's prefix, in order
+    return input_ids, mask.long()
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
@@ -210,8 +210,9 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """
     input_ids, mask = pad_right([e["input_ids"] for e in examples], pad_id)
     longest = input_ids.shape[1]
-    rows = [e["positions"] + b * longest for b, e in enumerate(examples)]
-    rows_t = torch.cat(rows)
+    counts = torch.tensor([e["positions"].shape[0] for e in examples])
+    rows_t = torch.cat([e["positions"] for e in examples]) + torch.repeat_interleave(
+        torch.arange(len(examples)) * longest, counts)
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
