@@ -507,6 +507,20 @@ def test_cache_info_human_json_and_verify(gpt2_cache):
     assert all(len(f["sha256"]) == 64 for s in info["shards"] for f in s["files"].values())
 
 
+@pytest.mark.parametrize("version,needle", [(1, "older amid"), (99, "upgrade amid")])
+def test_open_cache_refuses_other_format_versions(gpt2_cache, tmp_path, version, needle):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(gpt2_cache, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": version}))
+    with pytest.raises(CacheError, match=needle):
+        open_cache(out)
+    res = CliRunner().invoke(cli, ["cache-info", str(out)])
+    assert res.exit_code == 1 and needle in res.stderr and "Traceback" not in res.output
+
+
 def test_open_cache_refuses_non_cache_and_incomplete(tmp_path):
     with pytest.raises(CacheError, match="not an amid cache"):
         open_cache(tmp_path)
