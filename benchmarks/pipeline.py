@@ -206,7 +206,7 @@ def write_cache(directory: Path, t: dict[str, Any], k: int, copies: int) -> dict
     return {"add_s": add_s, "close_s": close_s, "bytes": nbytes, "positions": positions}
 
 
-def decode_rate(directory: Path, verify: bool = True, repeat: int = 2) -> float:
+def decode_rate(directory: Path, verify: bool = True, repeat: int = 5) -> float:
     """Positions/s of `open_cache` iteration on one core (see `cache_format.measure_decode_rate`)."""
     return measure_decode_rate(directory, verify=verify, repeat=repeat)
 
