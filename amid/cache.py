@@ -471,14 +471,14 @@ class Cache:
         except (pa.ArrowException, OSError) as exc:
             raise CacheError(f"shard {f}: unreadable Parquet ({exc}); recreate the cache") from None
 
-    def iter_shard(self, index: int) -> Iterator[dict[str, Any]]:
-        """Examples of one shard, in example_id order."""
+    def iter_shard(self, index: int, compact: bool = False) -> Iterator[dict[str, Any]]:
+        """Examples of one shard, in example_id order (`compact`: see `decode_shard`)."""
         examples, topk = self.read_part(index, "examples"), self.read_part(index, "topk")
         positions = pc.sum(pc.list_value_length(examples.column("positions"))).as_py() or 0
         if topk.num_rows != positions * self.k:  # cannot happen with checksums on; never decode shifted rows
             raise CacheError(f"shard {self.shard_path(index, 'topk')}: {topk.num_rows} top-k rows for {positions} "
                              f"positions at k={self.k}; recreate the cache")
-        yield from decode_shard(examples, topk, self.k)
+        yield from decode_shard(examples, topk, self.k, compact)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self.shards)):
@@ -527,8 +527,11 @@ def _flat(column: pa.ChunkedArray) -> np.ndarray:
     return (column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)).to_numpy(zero_copy_only=False)
 
 
-def decode_shard(examples: pa.Table, topk: pa.Table, k: int) -> Iterator[dict[str, Any]]:
-    """Examples of a shard's two tables as torch tensors (vectorised decode, then per-example views)."""
+def decode_shard(examples: pa.Table, topk: pa.Table, k: int, compact: bool = False) -> Iterator[dict[str, Any]]:
+    """Examples of a shard's two tables as torch tensors (vectorised decode, then per-example views).
+
+    `compact`: top-k ids as int32 and log-probs as float16 (the stored values, exactly) instead of
+    int64 / float32, half the memory; the training loader keeps examples so and widens per batch."""
     def lists(name: str) -> tuple[list[int], np.ndarray]:
         col = examples.column(name).combine_chunks()
         return col.offsets.to_numpy().tolist(), col.values.to_numpy(zero_copy_only=False)
@@ -540,8 +543,8 @@ def decode_shard(examples: pa.Table, topk: pa.Table, k: int) -> Iterator[dict[st
     positions = _to_torch(pos_val, torch.int64)
     tail = _to_torch(tail_val, torch.float32)
     # Rows in the topk file follow the positions' order, k per position (Cache.iter_shard checks the count).
-    topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int64).view(-1, k)
-    topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float32).view(-1, k)
+    topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int32 if compact else torch.int64).view(-1, k)
+    topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float16 if compact else torch.float32).view(-1, k)
     for i, ex_id in enumerate(examples.column("example_id").to_numpy().tolist()):
         a, b = pos_off[i], pos_off[i + 1]
         yield {

@@ -218,8 +218,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
         "attention_mask": mask,
         "rows": rows_t,
         "targets": input_ids.view(-1)[rows_t + 1],
-        "topk_ids": torch.cat([e["topk_ids"] for e in examples]),
-        "topk_logprobs": torch.cat([e["topk_logprobs"] for e in examples]),
+        "topk_ids": torch.cat([e["topk_ids"] for e in examples]).long(),  # widened here if stored compact
+        "topk_logprobs": torch.cat([e["topk_logprobs"] for e in examples]).float(),
         "tail_logmass": torch.cat([e["tail_logmass"] for e in examples]),
         "tokens": int(mask.sum()),
     }
@@ -259,7 +259,8 @@ class Loader:
         self._thread.start()
 
     def _read_window(self, shards: list[int]) -> dict[int, Future]:
-        return {s: self._pool.submit(lambda s=s: list(self.cache.iter_shard(s))) for s in shards}
+        # Compact examples (int32 ids, float16 log-probs): a window in memory costs half as much.
+        return {s: self._pool.submit(lambda s=s: list(self.cache.iter_shard(s, compact=True))) for s in shards}
 
     def _windows(self) -> Iterator[tuple[int, int, list[Batch]]]:
         epoch, window = self.start.epoch, self.start.window

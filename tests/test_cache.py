@@ -494,6 +494,17 @@ def test_damaged_shard_is_refused_naming_it(gpt2_cache, tmp_path, damage, part):
     assert CliRunner().invoke(cli, ["cache-info", str(out)]).exit_code == 0
 
 
+def test_compact_decoding_holds_the_same_values_in_half_the_memory(gpt2_cache):
+    cache = open_cache(gpt2_cache)
+    for full, compact in zip(cache.iter_shard(1), cache.iter_shard(1, compact=True)):
+        assert compact["topk_ids"].dtype == torch.int32 and compact["topk_logprobs"].dtype == torch.float16
+        assert full["topk_ids"].dtype == torch.int64 and full["topk_logprobs"].dtype == torch.float32
+        assert torch.equal(compact["topk_ids"].long(), full["topk_ids"])
+        assert torch.equal(compact["topk_logprobs"].float(), full["topk_logprobs"])  # float16 is what is stored
+        for key in ("example_id", "input_ids", "positions", "tail_logmass"):
+            assert (compact[key] == full[key]) if key == "example_id" else torch.equal(compact[key], full[key])
+
+
 def test_cache_info_human_json_and_verify(gpt2_cache):
     runner = CliRunner()
     res = runner.invoke(cli, ["cache-info", str(gpt2_cache), "--verify"])
