@@ -315,7 +315,8 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
     old_t, new_t = old.get("teacher") or {}, new.get("teacher") or {}
     how = ("dtype", "logits")
     same_model = {k: v for k, v in old_t.items() if k not in how} == {k: v for k, v in new_t.items() if k not in how}
-    if old_t != new_t and same_model:
+    same_rest = all(old.get(key) == new.get(key) for key in ("tokenizer", "k", "temperature", "data"))
+    if old_t != new_t and same_model and same_rest:
         return (f"{directory} holds a cache computed with the teacher in {old_t.get('dtype')} ({old_t.get('logits')} "
                 f"logits), this run computes {new_t.get('dtype')} ({new_t.get('logits')} logits); rerun with the same "
                 f"--dtype, or choose another --out directory")

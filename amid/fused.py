@@ -535,6 +535,9 @@ def fused_sparse_loss(
     fast = compiled_kernels_enabled(hidden)
     rows = _chunk_rows(n, v, chunk_size, fast, mode)
     if mode == "forward":
+        if not torch.is_grad_enabled():  # evaluation: no gradient to build during the forward
+            hidden, lm_weight = hidden.detach(), lm_weight.detach()
+            lm_bias = None if lm_bias is None else lm_bias.detach()
         return _FusedLossForwardGrad.apply(
             hidden, lm_weight, lm_bias, ids, topk_logprobs, tail_logmass, config, s, rows, fast
         )

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from amid import __version__
 from amid.cache import (
-    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, make_header,
+    MANIFEST, PARTS, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, make_header,
     progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
@@ -216,6 +216,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     header["teacher_logits"] = logits.mode
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
+    # Listed before the header is read: under torchrun another rank may create its first progress
+    # file in between, and an entry that appears after the listing must not look foreign.
+    foreign = [f.name for f in out.iterdir() if not _cache_entry(f.name)] if out.exists() else []
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
         from amid.cache import mismatch_message
@@ -224,9 +227,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     if old is not None and (out / MANIFEST).exists():
         log(f"{out}: cache already complete; nothing to do")
         return json.loads((out / MANIFEST).read_text())
-    # Hidden entries do not count: under torchrun another rank may be writing its first progress
-    # file (".progress-rankR.json.tmp-PID") at this very moment.
-    if out.exists() and old is None and any(not f.name.startswith(".") for f in out.iterdir()):
+    if old is None and foreign:
         raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
     for stale, task in temporary_files(out):  # left by a killed writer; never visible as a shard
@@ -273,6 +274,12 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         f"mean tail mass {c['mean_tail_mass']:.4f}, wall {time.time() - start:.1f} s"
     )
     return manifest
+
+
+def _cache_entry(name: str) -> bool:
+    """Whether a name in --out is one a cache (or another rank starting one) writes."""
+    return (name in (MANIFEST, *PARTS) or (name.startswith("progress-rank") and name.endswith(".json"))
+            or (name.startswith(".") and ".tmp-" in name))
 
 
 def shard_tasks(examples: list[Example], max_examples: int, max_positions: int) -> list[list[Example]]:

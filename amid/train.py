@@ -668,17 +668,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                 with autocast():
                     per_position = batch_loss(head, batch, loss_cfg, fused, amp_dtype, teacher)
                 part = per_position.sum() / n_targets
-                if lm_stream is not None:  # one plain-text batch beside each cache batch
+                scaler.scale(part).backward()
+                loss_sum += part.detach()
+                if lm_stream is not None:  # one plain-text batch beside each cache batch, its own backward
                     lm_batch = _to_device(lm_stream.batch(step * cfg.grad_accum + m), device)
                     # weight 0: the LM loss is only watched (metrics), not trained
                     with autocast(), torch.set_grad_enabled(cfg.lm_weight > 0):
                         lm = batch_loss(head, lm_batch, CE, fused, amp_dtype).sum() / (
                             len(micro) * lm_stream.targets_per_batch)
                     if cfg.lm_weight > 0:
-                        part = part + cfg.lm_weight * lm
+                        scaler.scale(cfg.lm_weight * lm).backward()
+                        loss_sum += cfg.lm_weight * lm.detach()
                     lm_sum += lm.detach()
-                scaler.scale(part).backward()
-                loss_sum += part.detach()
                 tokens += cpu_batch["tokens"]
                 interval_tokens += cpu_batch["tokens"]
                 position = pos_after

@@ -661,7 +661,12 @@ def test_refuses_nonempty_non_cache_directory(teachers, data_files, tmp_path):
     empty.mkdir()
     run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["text"]), out=str(empty), limit=2)
     assert open_cache(empty).manifest["counts"]["examples"] == 2
-    # So is one where another rank is just writing its first progress file (torchrun start-up).
+    # A hidden entry that is not a cache's (a repository, say) still makes it foreign.
+    hidden = tmp_path / "hidden"
+    (hidden / ".git").mkdir(parents=True)
+    _refused(["--teacher", str(teachers["gpt2"]), "--data", str(data_files["text"]), "--out", str(hidden)],
+             "not an amid cache")
+    # One where another rank is just writing its first progress file (torchrun start-up) is fine.
     racing = tmp_path / "racing"
     racing.mkdir()
     (racing / ".progress-rank1.json.tmp-4242").write_text("{")
