@@ -16,7 +16,7 @@ P·k top-k rows are rows [topk_row, topk_row + P·k) of the topk file: position 
 position's k ids ascending.
 
 Why two files: Parquet decodes list columns value by value through repetition levels, which cost
-about as much as the rest of the read; the top-k values (k per position, 99 % of the data) are
+about as much as the rest of the read (format 1 kept the top-k as lists and decoded ~1.6× slower); the top-k values (k per position, 99 % of the data) are
 flat columns here, so they decode as fast as plain arrays, and any Parquet reader (pyarrow,
 datasets, DuckDB, Spark, Ray) still reads both: `pyarrow.dataset.dataset("CACHE/topk")`,
 `datasets.load_dataset("parquet", data_dir="CACHE/examples")` (temporary files start with "."
