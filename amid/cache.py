@@ -76,6 +76,12 @@ def temporary_files(directory: Path) -> Iterator[tuple[Path, int | None]]:
             yield f, int(task) if task.isdigit() else None
 
 
+def is_cache_entry(name: str) -> bool:
+    """Whether a name in a cache directory is one a cache (or a rank starting one) writes."""
+    return (name in (MANIFEST, *PARTS) or (name.startswith("progress-rank") and name.endswith(".json"))
+            or (name.startswith(".") and ".tmp-" in name))
+
+
 def progress_name(rank: int) -> str:
     return f"progress-rank{rank}.json"
 
@@ -475,11 +481,14 @@ class Cache:
     def iter_shard(self, index: int, compact: bool = False) -> Iterator[dict[str, Any]]:
         """Examples of one shard, in example_id order (`compact`: see `decode_shard`)."""
         examples, topk = self.read_part(index, "examples"), self.read_part(index, "topk")
-        positions = pc.sum(pc.list_value_length(examples.column("positions"))).as_py() or 0
-        if topk.num_rows != positions * self.k:  # cannot happen with checksums on; never decode shifted rows
+        # Cannot fail with checksums on; without them, never decode shifted rows.
+        self._check_topk_rows(index, topk, pc.sum(pc.list_value_length(examples.column("positions"))).as_py() or 0)
+        yield from decode_shard(examples, topk, self.k, compact)
+
+    def _check_topk_rows(self, index: int, topk: pa.Table, positions: int) -> None:
+        if topk.num_rows != positions * self.k:
             raise CacheError(f"shard {self.shard_path(index, 'topk')}: {topk.num_rows} top-k rows for {positions} "
                              f"positions at k={self.k}; recreate the cache")
-        yield from decode_shard(examples, topk, self.k, compact)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for i in range(len(self.shards)):
@@ -504,9 +513,7 @@ class Cache:
             rows = np.concatenate([[0], np.cumsum(n_pos * self.k)])
             if not np.array_equal(n_tail, n_pos) or not np.array_equal(ex.column("topk_row").to_numpy(), rows[:-1]):
                 raise CacheError(f"shard {f}: tail_logmass lengths or topk_row do not match the positions")
-            if tables["topk"].num_rows != rows[-1]:
-                raise CacheError(f"shard {self.shard_path(i, 'topk')}: {tables['topk'].num_rows} top-k rows for "
-                                 f"{int(n_pos.sum())} positions at k={self.k}")
+            self._check_topk_rows(i, tables["topk"], int(n_pos.sum()))
             examples += ex.num_rows
             positions += int(n_pos.sum())
         counts = self.manifest["counts"]

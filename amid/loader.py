@@ -37,7 +37,7 @@ import torch
 from amid.cache import Cache, CacheError
 from amid.data import cut_batches
 
-__all__ = ["ShardMeta", "Position", "Plan", "Loader", "LMStream", "scan", "split", "pad_right", "collate",
+__all__ = ["ShardMeta", "Position", "Plan", "Loader", "LMStream", "scan", "split", "pad_right", "target_rows", "collate",
            "POOL_BATCHES"]
 
 POOL_BATCHES = 64  # length sorting happens inside pools of this many batches
@@ -201,6 +201,12 @@ def pad_right(sequences: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return input_ids, mask.long()
 
 
+def target_rows(positions: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[N] rows b·width + t of the flattened [B, width] logits for every position t of sequence b."""
+    counts = torch.tensor([p.shape[0] for p in positions])
+    return torch.cat(positions) + torch.repeat_interleave(torch.arange(len(positions)) * width, counts)
+
+
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """Right-padded inputs and the flattened target rows of a list of cache examples.
 
@@ -210,9 +216,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     """
     input_ids, mask = pad_right([e["input_ids"] for e in examples], pad_id)
     longest = input_ids.shape[1]
-    counts = torch.tensor([e["positions"].shape[0] for e in examples])
-    rows_t = torch.cat([e["positions"] for e in examples]) + torch.repeat_interleave(
-        torch.arange(len(examples)) * longest, counts)
+    rows_t = target_rows([e["positions"] for e in examples], longest)
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 
 from amid import __version__
 from amid.cache import (
-    MANIFEST, PARTS, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, make_header,
-    progress_name, temporary_files,
+    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, is_cache_entry,
+    make_header, progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
 from amid.heads import TargetLogits
-from amid.loader import pad_right
+from amid.loader import pad_right, target_rows
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
            "resolve_dtype"]
@@ -218,7 +218,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
 
     # Listed before the header is read: under torchrun another rank may create its first progress
     # file in between, and an entry that appears after the listing must not look foreign.
-    foreign = [f.name for f in out.iterdir() if not _cache_entry(f.name)] if out.exists() else []
+    foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
         from amid.cache import mismatch_message
@@ -276,12 +276,6 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     return manifest
 
 
-def _cache_entry(name: str) -> bool:
-    """Whether a name in --out is one a cache (or another rank starting one) writes."""
-    return (name in (MANIFEST, *PARTS) or (name.startswith("progress-rank") and name.endswith(".json"))
-            or (name.startswith(".") and ".tmp-" in name))
-
-
 def shard_tasks(examples: list[Example], max_examples: int, max_positions: int) -> list[list[Example]]:
     """Consecutive groups of examples, one per shard: at most `max_examples` examples and at most
     `max_positions` target positions each (an example longer than that gets a shard of its own)."""
@@ -313,8 +307,7 @@ def _batch_rows(batch: list[Example], pad: int, device: torch.device) -> dict[st
     """A right-padded batch on `device`: input_ids, attention_mask [B, T] and rows [N] (b·T + t of
     every target position, example by example)."""
     input_ids, mask = pad_right([e.input_ids for e in batch], pad)
-    width = input_ids.shape[1]
-    rows = torch.cat([torch.as_tensor(e.positions, dtype=torch.long) + b * width for b, e in enumerate(batch)])
+    rows = target_rows([torch.as_tensor(e.positions, dtype=torch.long) for e in batch], input_ids.shape[1])
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "rows": rows.to(device)}
 
 
