@@ -280,15 +280,7 @@ def cfg(**kw):
 def _grad(fn, z):
     """Value of fn(z) and the gradient of the sum of its finite rows (rows: mask)."""
     z = z.detach().clone().requires_grad_(True)
-    out = fn(z)
-    fin = torch.isfinite(out.detach())
-    if out.requires_grad and fin.any():
-        (g,) = torch.autograd.grad(out[fin].sum(), z, allow_unused=True)
-        if g is None:
-            g = torch.zeros_like(z)
-    else:
-        g = torch.zeros_like(z)
-    return out.detach(), g, fin
+    return _finite_rows_grad(fn(z), z)
 
 
 def _ref_grad(fn, z):
@@ -296,15 +288,16 @@ def _ref_grad(fn, z):
     mask = z > NINF
     leaf = torch.where(mask, z, torch.zeros_like(z)).detach().requires_grad_(True)
     zz = torch.where(mask, leaf, torch.full_like(z, NINF))
-    out = fn(zz)
+    return _finite_rows_grad(fn(zz), leaf)
+
+
+def _finite_rows_grad(out, leaf):
+    """(out, d Σ_finite out / d leaf, finite mask); a zero gradient where nothing depends on leaf."""
     fin = torch.isfinite(out.detach())
+    g = None
     if out.requires_grad and fin.any():
         (g,) = torch.autograd.grad(out[fin].sum(), leaf, allow_unused=True)
-        if g is None:
-            g = torch.zeros_like(z)
-    else:
-        g = torch.zeros_like(z)
-    return out.detach(), g, fin
+    return out.detach(), torch.zeros_like(leaf) if g is None else g, fin
 
 
 def compare(impl_fn, ref_fn, z, label, rtol=1e-9, atol=1e-12, grad_rtol=1e-7, check_grad=True):
