@@ -18,7 +18,21 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["student_bins", "BinGrads", "bin_grads", "dense_tail_grad_", "scaled", "compute_dtype", "row_chunks"]
+__all__ = [
+    "student_bins",
+    "BinGrads",
+    "bin_grads",
+    "bins_from_stats",
+    "chunk_bins",
+    "chunk_rows",
+    "compute_dtype",
+    "dense_tail_grad",
+    "eager_logit_grad",
+    "eager_logit_stats",
+    "row_chunks",
+    "scaled",
+    "tail_stats_",
+]
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
@@ -26,13 +40,24 @@ def compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-CHUNK_ELEMENTS = 1 << 23  # ~32 MiB of float32 per chunk of rows
+# Logits per chunk of rows. On the CPU a chunk small enough to stay in cache (4 MiB of float32)
+# makes the passes after the first nearly free; elsewhere (eager CUDA, when the compiled kernels
+# are off) fewer, larger chunks keep the launches few.
+CHUNK_ELEMENTS = 1 << 23
+CPU_CHUNK_ELEMENTS = 1 << 20
 
 
-def row_chunks(n: int, v: int):
-    rows = max(1, CHUNK_ELEMENTS // max(v, 1))
-    for start in range(0, n, rows):
-        yield slice(start, min(start + rows, n))
+def chunk_rows(v: int, device: torch.device | None = None) -> int:
+    """Rows of width v in one chunk on `device`."""
+    budget = CPU_CHUNK_ELEMENTS if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
+    return max(1, budget // max(v, 1))
+
+
+def row_chunks(n: int, v: int, device: torch.device | None = None):
+    """Slices of at most one chunk's worth of rows of an [n, v] tensor on `device`."""
+    step = chunk_rows(v, device)
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
 
 
 def scaled(z: Tensor, s: float) -> Tensor:
@@ -99,13 +124,47 @@ def bin_grads(
     return BinGrads(g_top, coef, torch.where(has_tail, lse_tail, zero), gs, lse_s)
 
 
-def dense_tail_grad_(z: Tensor, bg: BinGrads, s: float | None) -> Tensor:
-    """In place on z (compute dtype): coef·exp(z − lse_tail) [+ gs·exp(s·z − lse_s_tail)]."""
-    extra = None
+def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Row statistics of one chunk of logits z [R, V] (compute dtype; owned: overwritten).
+
+    Returns (z_S [R, k], lse_tail [R], lse_s_tail [R] (zeros without s)): the top-k logits and
+    the logsumexp of z (of s·z) over the complement of the top-k, exact however small the tail.
+    Every pass works in place on z (and on `work`, scratch of z's shape for the s·z sum), so a
+    chunk that fits in cache costs about one read of it.
+    """
+    z_s = z.gather(1, ids)
+    z.scatter_(1, ids, -math.inf)
+    m = z.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z.sub_(m)
+    lse_s_tail = torch.zeros_like(m[:, 0])
     if s is not None:
-        extra = scaled(z, s).sub_(bg.lse_s_tail[:, None]).exp_().mul_(bg.gs[:, None])
-    out = z.sub_(bg.lse_tail[:, None]).exp_().mul_(bg.coef[:, None])
-    return out if extra is None else out.add_(extra)
+        if s > 0:  # max of s·z over the tail is s·m: the same shift serves both sums
+            lse_s_tail = torch.mul(z, s, out=_like(work, z)).exp_().sum(dim=1).log_().add_(m[:, 0], alpha=s)
+        else:
+            lse_s_tail = torch.logsumexp(scaled(z, s), dim=1).add_(m[:, 0], alpha=s)
+    lse_tail = z.exp_().sum(dim=1).log_().add_(m[:, 0])
+    return z_s, lse_tail, lse_s_tail
+
+
+def dense_tail_grad(z: Tensor, bg: BinGrads, s: float | None, out: Tensor, work: Tensor | None = None) -> Tensor:
+    """out = coef·exp(z − lse_tail) [+ gs·exp(s·z − lse_s_tail)], column by column of z [R, W]
+    (any float dtype); out [R, W] in the compute dtype, may be z itself; `work`: optional
+    scratch like out. Top-k columns get meaningless values: the caller overwrites them."""
+    extra = None
+    if s is not None and s <= 0:  # scaled() keeps −inf entries at −inf for these s
+        extra = scaled(z.to(out.dtype), s).sub_(bg.lse_s_tail[:, None]).exp_()
+    torch.sub(z, bg.lse_tail[:, None], out=out)
+    if s is not None and s > 0:  # s·z − lse_s_tail = s·(z − lse_tail) − log γ
+        log_gamma = bg.lse_s_tail - s * bg.lse_tail
+        extra = torch.add(log_gamma.neg()[:, None], out, alpha=s, out=_like(work, out)).exp_()
+    out.exp_().mul_(bg.coef[:, None])
+    return out if extra is None else out.addcmul_(extra, bg.gs[:, None])
+
+
+def _like(work: Tensor | None, t: Tensor) -> Tensor:
+    # Scratch the shape and dtype of t: `work` (a buffer at least as long) or a new tensor.
+    return torch.empty_like(t) if work is None else work[: t.shape[0]]
 
 
 def _fast_path(t: Tensor) -> bool:
@@ -115,39 +174,75 @@ def _fast_path(t: Tensor) -> bool:
     return fused.compiled_kernels_enabled(t)
 
 
+def bins_from_stats(lse: Tensor, lse_tail: Tensor, lse_s_tail: Tensor, s: float | None) -> tuple[Tensor, Tensor]:
+    """(log q_tail, log γ) [N] from the row statistics: −inf / 0 for rows without a tail."""
+    has_tail = torch.isfinite(lse_tail)
+    log_q_tail = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, -math.inf))
+    log_gamma = torch.zeros_like(lse)
+    if s is not None:
+        log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
+    return log_q_tail, log_gamma
+
+
+def chunk_bins(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None):
+    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ) of one chunk z [R, V] (compute
+    dtype; owned: overwritten by `tail_stats_`, as is the optional scratch `work`)."""
+    z_s, lse_tail, lse_s_tail = tail_stats_(z, ids, s, work)
+    lse = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail)
+    return (z_s - lse[:, None], lse_tail, lse_s_tail, *bins_from_stats(lse, lse_tail, lse_s_tail, s))
+
+
+def _chunk_buffer(logits: Tensor, dtype: torch.dtype) -> Tensor:
+    # One scratch buffer serves every chunk: allocated once, and it stays in cache.
+    n, v = logits.shape
+    return torch.empty(min(n, chunk_rows(v, logits.device)), v, dtype=dtype, device=logits.device)
+
+
+def eager_logit_stats(logits: Tensor, ids: Tensor, s: float | None, dtype: torch.dtype):
+    """`chunk_bins` of every row of logits [N, V], chunk by chunk (eager PyTorch)."""
+    n, v = logits.shape
+    buf = _chunk_buffer(logits, dtype)
+    work = _chunk_buffer(logits, dtype) if s is not None else None
+    parts = []
+    for rows in row_chunks(n, v, logits.device):
+        z = buf[: rows.stop - rows.start].copy_(logits[rows])
+        parts.append(chunk_bins(z, ids[rows], s, work))
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def eager_logit_grad(logits: Tensor, ids: Tensor, bg: BinGrads, s: float | None, dtype: torch.dtype) -> Tensor:
+    """dL/dlogits [N, V] in the logits' dtype from the factored gradient, chunk by chunk."""
+    n, v = logits.shape
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    direct = grad.dtype == dtype  # write straight into the gradient, no scratch
+    buf = None if direct else _chunk_buffer(logits, dtype)
+    work = _chunk_buffer(logits, dtype) if s is not None else None
+    for rows in row_chunks(n, v, logits.device):
+        out = grad[rows] if direct else buf[: rows.stop - rows.start]
+        dense_tail_grad(logits[rows], bg.rows(rows), s, out, work)
+        out.scatter_(1, ids[rows], bg.g_top[rows])
+        if not direct:
+            grad[rows] = out
+    return grad
+
+
 class _StudentBins(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, ids: Tensor, s: float | None):  # type: ignore[override]
-        n, v = logits.shape
         dtype = compute_dtype(logits)
         fast = _fast_path(logits)
         if fast:
             from amid import fused
 
             try:
-                log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma = fused.logit_stats(logits, ids, s, dtype)
+                stats = fused.logit_stats(logits, ids, s, dtype)
             except fused._CompileFailed:
                 fast = False
         if not fast:
-            log_q_s = torch.empty(ids.shape, dtype=dtype, device=logits.device)
-            lse = torch.empty(n, dtype=dtype, device=logits.device)
-            lse_tail = torch.empty_like(lse)
-            lse_s_tail = torch.zeros_like(lse)
-            for rows in row_chunks(n, v):
-                z = logits[rows].to(dtype, copy=True)
-                idx = ids[rows]
-                z_s = z.gather(1, idx)
-                z.scatter_(1, idx, -math.inf)
-                lse_tail[rows] = torch.logsumexp(z, dim=1)
-                lse[rows] = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail[rows])
-                log_q_s[rows] = z_s - lse[rows, None]
-                if s is not None:
-                    lse_s_tail[rows] = torch.logsumexp(scaled(z, s), dim=1)
-            has_tail = torch.isfinite(lse_tail)
-            log_q_tail = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, -math.inf))
-            log_gamma = torch.zeros_like(lse)
-            if s is not None:
-                log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
+            stats = eager_logit_stats(logits, ids, s, dtype)
+        log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma = stats
         ctx.s = s
         ctx.fast = fast
         ctx.save_for_backward(logits, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail)
@@ -157,7 +252,6 @@ class _StudentBins(torch.autograd.Function):
     def backward(ctx, g_s: Tensor, g_tail: Tensor, g_gamma: Tensor):  # type: ignore[override]
         logits, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail = ctx.saved_tensors
         s = ctx.s
-        n, v = logits.shape
         dtype = lse_tail.dtype
         if ctx.fast:
             from amid import fused
@@ -169,12 +263,7 @@ class _StudentBins(torch.autograd.Function):
                 pass
         else:
             bg = bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
-        grad = torch.empty_like(logits)
-        for rows in row_chunks(n, v):
-            out = dense_tail_grad_(logits[rows].to(dtype, copy=True), bg.rows(rows), s)
-            out.scatter_(1, ids[rows], bg.g_top[rows])
-            grad[rows] = out
-        return grad, None, None
+        return eager_logit_grad(logits, ids, bg, s, dtype), None, None
 
 
 def student_bins(logits: Tensor, topk_ids: Tensor, s: float | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -46,7 +46,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from amid.bins import BinGrads, bin_grads, compute_dtype, dense_tail_grad_, scaled
+from amid.bins import BinGrads, bin_grads, chunk_bins, compute_dtype, dense_tail_grad
 from amid.losses import LossConfig, bins_loss, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
@@ -147,10 +147,13 @@ def _k_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
         lse_s_tail = torch.zeros_like(lse)
         log_gamma = torch.zeros_like(lse)
     else:
-        ts = torch.where(torch.isneginf(tail), -math.inf, tail * s)
-        ms = ts.amax(dim=1)
-        ms = torch.where(torch.isfinite(ms), ms, 0.0)
-        lse_s_tail = torch.log(torch.exp(ts - ms[:, None]).sum(dim=1)) + ms
+        if s > 0:  # the tail's max of s·z is s·m: no second max pass, one loop for both sums
+            lse_s_tail = torch.log(torch.exp((tail - m[:, None]) * s).sum(dim=1)) + s * m
+        else:
+            ts = torch.where(torch.isneginf(tail), -math.inf, tail * s)
+            ms = ts.amax(dim=1)
+            ms = torch.where(torch.isfinite(ms), ms, 0.0)
+            lse_s_tail = torch.log(torch.exp(ts - ms[:, None]).sum(dim=1)) + ms
         log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, 0.0)
     return z_s - lse[:, None], lse_tail, lse_s_tail, log_q_tail, log_gamma
 
@@ -252,47 +255,32 @@ def _block_cols(n: int, v: int, rows: int) -> int:
     return min(cols, v)
 
 
-def _eager_mask(lg: Tensor, ids: Tensor, cdtype: torch.dtype) -> Tensor:
-    # Float logits of one row chunk with the top-k set to −inf (in place when `lg` is float).
-    z = lg if lg.dtype == cdtype else lg.to(cdtype)
-    return z.scatter_(1, ids, -math.inf)
-
-
-def _bins_from_stats(lse, lse_tail, lse_s_tail, s):
-    has_tail = torch.isfinite(lse_tail)
-    log_q_tail = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, -math.inf))
-    log_gamma = torch.zeros_like(lse)
-    if s is not None:
-        log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
-    return log_q_tail, log_gamma
-
-
-def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fast: bool):
-    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ, handle) for one row chunk of logits
-    `lg` (owned: may be modified). `handle` is what `_row_grad` needs to build the chunk's
-    gradient: None on the compiled path, the masked float logits on the eager one."""
+def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fast: bool, keep: bool):
+    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ, compiled) for one row chunk of logits
+    `lg`, which is overwritten unless `keep`. `compiled` says which path `_row_grad` takes."""
     if fast:
         try:
-            return (*_stats_c(lg, ids, s, cdtype), None)
+            return (*_stats_c(lg, ids, s, cdtype), True)
         except _CompileFailed:
             pass
-    z_s = lg.gather(1, ids).to(cdtype)
-    z = _eager_mask(lg, ids, cdtype)
-    lse_tail = torch.logsumexp(z, dim=1)
-    lse_s_tail = torch.logsumexp(scaled(z, s), dim=1) if s is not None else torch.zeros_like(lse_tail)
-    lse = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail)
-    log_q_tail, log_gamma = _bins_from_stats(lse, lse_tail, lse_s_tail, s)
-    return z_s - lse[:, None], lse_tail, lse_s_tail, log_q_tail, log_gamma, z
+    z = lg.to(cdtype, copy=True) if keep or lg.dtype != cdtype else lg
+    return (*chunk_bins(z, ids, s), False)
 
 
-def _row_grad(lg: Tensor, handle: Tensor | None, ids: Tensor, bg: BinGrads, s, cdtype) -> Tensor:
-    """dL/dlogits for one row chunk, in the logits' dtype (consumes `handle`)."""
-    if handle is None:
+def _eager_grad(lg: Tensor, s: float | None, cdtype: torch.dtype, bg: BinGrads) -> Tensor:
+    # The dense part of one chunk's gradient, in place on `lg` when it is in the compute dtype.
+    out = lg if lg.dtype == cdtype else torch.empty(lg.shape, dtype=cdtype, device=lg.device)
+    return dense_tail_grad(lg, bg, s, out)
+
+
+def _row_grad(lg: Tensor, compiled: bool, ids: Tensor, bg: BinGrads, s, cdtype) -> Tensor:
+    """dL/dlogits for one row chunk of logits `lg` (overwritten), in the logits' dtype."""
+    if compiled:
         try:
             return _grad_c(lg, ids, bg, s, cdtype)
         except _CompileFailed:
-            handle = _eager_mask(lg, ids, cdtype)
-    g = dense_tail_grad_(handle, bg, s)  # top-k entries of `handle` are −inf: 0 here
+            pass
+    g = _eager_grad(lg, s, cdtype, bg)
     g.scatter_(1, ids, bg.g_top)
     return g.to(lg.dtype)
 
@@ -307,8 +295,7 @@ def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: BinGrads, s, cdtype, fast:
             pass
     width = lg.shape[1]
     valid = (cols >= 0) & (cols < width)
-    z = lg if lg.dtype == cdtype else lg.to(cdtype)
-    g = dense_tail_grad_(z, bg, s)
+    g = _eager_grad(lg, s, cdtype, bg)
     r = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
     g[r[valid], cols[valid]] = bg.g_top[valid]
     return g.to(lg.dtype)
@@ -320,7 +307,7 @@ def _forward_stats(hidden, weight, bias, ids, s, cdtype, rows_per_chunk, fast):
     for r0 in range(0, n, rows_per_chunk):
         rows = slice(r0, min(n, r0 + rows_per_chunk))
         lg = _logits(hidden[rows], weight, bias)
-        parts.append(_row_stats(lg, ids[rows], s, cdtype, fast)[:5])
+        parts.append(_row_stats(lg, ids[rows], s, cdtype, fast, keep=False)[:5])
         del lg
     if len(parts) == 1:
         return parts[0]
@@ -413,7 +400,9 @@ class _FusedLossForwardGrad(torch.autograd.Function):
             h = hidden[rows]
             idx = ids[rows]
             lg = _logits(h, weight, bias)
-            log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma, handle = _row_stats(lg, idx, s, cdtype, fast)
+            log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma, compiled = _row_stats(
+                lg, idx, s, cdtype, fast, keep=True
+            )
             if not want_grad:
                 loss[rows] = bins_loss(log_q_s, log_q_tail, log_gamma, p_s[rows], p_tail[rows], config)
                 continue
@@ -428,8 +417,8 @@ class _FusedLossForwardGrad(torch.autograd.Function):
             g_s, g_tail, g_gamma = (torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
             bg = compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
             parts.append(bg)
-            g = _row_grad(lg, handle, idx, bg, s, cdtype)
-            del lg, handle
+            g = _row_grad(lg, compiled, idx, bg, s, cdtype)
+            del lg
             if need_h:
                 torch.mm(g, weight, out=gh[rows])
             if need_w:

@@ -12,7 +12,7 @@ Run through `python -m benchmarks.run --rows 4,5,6` (the hooks in benchmarks/run
    synthetic Zipf teacher (below). Each shard holds the distinct teacher rows once (as
    cache_format.py does), so zstd never sees a row twice within a shard; enough shards are written
    to pass `--cache-positions` positions (CPU 50k from 4,096 distinct rows; GPU 200k from 8,192).
-   Throughput is timed under glibc's default malloc behaviour (see `free_malloc`).
+   Throughput is timed under glibc's default malloc behaviour (`Meter.unpinned` in benchmarks/run.py).
    Then the demo check: a demo-shaped cache (V = 1024, k = 32, batch 16, ~100-token sequences)
    read by the loader against the demo student (pipelines/demo.py `llama(1024, 64, 2, 4)`) doing
    the trainer's step (`amid.train.batch_loss` + backward + clip + AdamW) on the same batches with
@@ -83,32 +83,6 @@ def one_core():
         torch.set_num_threads(old[0])
         pa.set_cpu_count(old[1])
         pa.set_io_thread_count(old[2])
-
-
-@contextlib.contextmanager
-def free_malloc(device: torch.device):
-    """On CPU, benchmarks.run's Meter pins glibc's mmap threshold at 128 KiB (so that the resident
-    set follows live tensors); every large allocation then maps fresh pages. A trainer runs with
-    glibc's defaults, whose dynamic threshold grows to 32 MiB: time throughput under those, and
-    pin again afterwards for the memory readings."""
-    if device.type != "cpu":
-        yield
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        yield
-        return
-    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the dynamic threshold's ceiling
-    libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    try:
-        yield
-    finally:
-        libc.mallopt(-3, 128 * 1024)
-        libc.mallopt(-1, 128 * 1024)
-        libc.malloc_trim(0)  # hand the freed heap back, so the next resident-set reading starts low
 
 
 def _rate(x: float | None) -> str:
@@ -294,7 +268,7 @@ def bench_cache(meter, args, Row) -> list:
     tmp = Path(tempfile.mkdtemp(prefix="amid-bench-cache-"))
     try:
         # The demo trainer's consumption first: every rate below is compared with it.
-        with free_malloc(dev):
+        with meter.unpinned():
             demo = demo_check(meter, tmp / "demo", Row)
         rows += demo["rows"]
         trainer_pos_s = demo["trainer_pos_per_s"]
@@ -305,7 +279,7 @@ def bench_cache(meter, args, Row) -> list:
             p0 = len(t["tail"])
             copies = max(1, math.ceil(target / p0))
             d = tmp / f"v{v}"
-            with one_core(), free_malloc(dev):
+            with one_core(), meter.unpinned():
                 w = write_cache(d, t, TOP_K, copies)
                 read = decode_rate(d, verify=True)
                 read_nv = decode_rate(d, verify=False)
@@ -509,7 +483,7 @@ def bench_step(meter, args, Row) -> list:
         with torch.no_grad(), (torch.autocast(dev.type, dtype=amp) if amp != torch.float32 else contextlib.nullcontext()):
             online.logits(batch, v)
 
-    with free_malloc(dev):
+    with meter.unpinned():
         t_cache, t_online, t_build, t_teacher = meter.times([cache_step, online_step, cache_batch, teacher_only])
     calls = 1 + meter.warmup + meter.repeat  # cache_batch calls so far: their rows are in the writer
     t0 = time.perf_counter()

@@ -18,7 +18,8 @@ inputs already hold, during one forward + backward, gradients included (they are
 sides must produce). On CUDA this is `torch.cuda.max_memory_allocated`; on CPU it is the
 process's peak resident set (VmHWM, reset through /proc/self/clear_refs before each run) over
 its resident set before the run, with glibc's mmap threshold pinned at 128 KiB so that freed
-tensors go back to the system and the high-water mark follows live tensors.
+tensors go back to the system and the high-water mark follows live tensors (time is measured
+under glibc's defaults, as a trainer runs).
 
 Sizes: on a GPU, or with `--full`, the issue's sizes (N = 4096, V = 50257 and 151936; N = 8192,
 V = 151936 for row 2). On CPU the default scales N down (`--n`, 128) so the suite runs in a few
@@ -29,6 +30,7 @@ Qwen2.5-0.5B: V = 151936, H = 896).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -59,17 +61,43 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class Meter:
+    """Times and peak memory. On CPU, glibc's mmap threshold is pinned at 128 KiB while memory is
+    read (freed tensors leave the resident set at once, so its high-water mark follows live
+    tensors) and released to glibc's defaults while time is measured (pinned, every large
+    allocation maps and faults fresh pages, which no trainer pays)."""
+
     def __init__(self, device: torch.device, repeat: int, warmup: int):
         self.device = device
         self.repeat = repeat
         self.warmup = warmup
+        self._unpinned = 0
+        self._libc = None
         if device.type == "cpu":
-            try:  # pin glibc's mmap threshold: freed tensors leave the resident set at once
-                libc = ctypes.CDLL("libc.so.6")
-                libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-                libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+            try:
+                self._libc = ctypes.CDLL("libc.so.6")
             except OSError:
                 pass
+        self._pin()
+
+    def _pin(self) -> None:
+        if self._libc is not None:
+            self._libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+            self._libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+            self._libc.malloc_trim(0)  # hand the freed heap back: the next reading starts low
+
+    @contextlib.contextmanager
+    def unpinned(self):
+        """glibc's default malloc behaviour (dynamic mmap threshold up to 32 MiB) inside; re-entrant."""
+        if self._libc is not None and self._unpinned == 0:
+            self._libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: the dynamic threshold's ceiling
+            self._libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        self._unpinned += 1
+        try:
+            yield
+        finally:
+            self._unpinned -= 1
+            if self._unpinned == 0:
+                self._pin()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -90,6 +118,10 @@ class Meter:
 
     def times(self, fns: list[Callable[[], None]]) -> list[float]:
         """Median seconds of each function, the functions interleaved run by run."""
+        with self.unpinned():
+            return self._times(fns)
+
+    def _times(self, fns: list[Callable[[], None]]) -> list[float]:
         for _ in range(self.warmup):
             for fn in fns:
                 fn()
