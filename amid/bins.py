@@ -27,6 +27,7 @@ __all__ = [
     "chunk_rows",
     "compute_dtype",
     "dense_tail_grad",
+    "eager_dense_grad",
     "eager_logit_grad",
     "eager_logit_stats",
     "row_chunks",
@@ -212,20 +213,26 @@ def eager_logit_stats(logits: Tensor, ids: Tensor, s: float | None, dtype: torch
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def eager_logit_grad(logits: Tensor, ids: Tensor, bg: BinGrads, s: float | None, dtype: torch.dtype) -> Tensor:
-    """dL/dlogits [N, V] in the logits' dtype from the factored gradient, chunk by chunk."""
-    n, v = logits.shape
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    direct = grad.dtype == dtype  # write straight into the gradient, no scratch
-    buf = None if direct else _chunk_buffer(logits, dtype)
-    work = _chunk_buffer(logits, dtype) if s is not None else None
-    for rows in row_chunks(n, v, logits.device):
-        out = grad[rows] if direct else buf[: rows.stop - rows.start]
-        dense_tail_grad(logits[rows], bg.rows(rows), s, out, work)
-        out.scatter_(1, ids[rows], bg.g_top[rows])
+def eager_dense_grad(z: Tensor, bg: BinGrads, s: float | None, dtype: torch.dtype, out: Tensor) -> Tensor:
+    """`dense_tail_grad` of every row of z [N, W] into out [N, W] (any float dtype; may be z
+    itself), chunk by chunk in the compute dtype `dtype`. Top-k columns are left for the caller."""
+    n, w = z.shape
+    direct = out.dtype == dtype  # write straight into out, no scratch
+    buf = None if direct else _chunk_buffer(z, dtype)
+    work = _chunk_buffer(z, dtype) if s is not None else None
+    for rows in row_chunks(n, w, z.device):
+        o = out[rows] if direct else buf[: rows.stop - rows.start]
+        dense_tail_grad(z[rows], bg.rows(rows), s, o, work)
         if not direct:
-            grad[rows] = out
-    return grad
+            out[rows] = o
+    return out
+
+
+def eager_logit_grad(logits: Tensor, ids: Tensor, bg: BinGrads, s: float | None, dtype: torch.dtype) -> Tensor:
+    """dL/dlogits [N, V] in the logits' dtype from the factored gradient (eager PyTorch)."""
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    eager_dense_grad(logits, bg, s, dtype, grad)
+    return grad.scatter_(1, ids, bg.g_top.to(grad.dtype))
 
 
 class _StudentBins(torch.autograd.Function):

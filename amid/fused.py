@@ -46,7 +46,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from amid.bins import BinGrads, bin_grads, chunk_bins, compute_dtype, dense_tail_grad
+from amid.bins import BinGrads, bin_grads, compute_dtype, eager_dense_grad, eager_logit_stats
 from amid.losses import LossConfig, bins_loss, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
@@ -255,22 +255,15 @@ def _block_cols(n: int, v: int, rows: int) -> int:
     return min(cols, v)
 
 
-def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fast: bool, keep: bool):
+def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fast: bool):
     """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ, compiled) for one row chunk of logits
-    `lg`, which is overwritten unless `keep`. `compiled` says which path `_row_grad` takes."""
+    `lg` (left as it is). `compiled` says which path `_row_grad` takes."""
     if fast:
         try:
             return (*_stats_c(lg, ids, s, cdtype), True)
         except _CompileFailed:
             pass
-    z = lg.to(cdtype, copy=True) if keep or lg.dtype != cdtype else lg
-    return (*chunk_bins(z, ids, s), False)
-
-
-def _eager_grad(lg: Tensor, s: float | None, cdtype: torch.dtype, bg: BinGrads) -> Tensor:
-    # The dense part of one chunk's gradient, in place on `lg` when it is in the compute dtype.
-    out = lg if lg.dtype == cdtype else torch.empty(lg.shape, dtype=cdtype, device=lg.device)
-    return dense_tail_grad(lg, bg, s, out)
+    return (*eager_logit_stats(lg, ids, s, cdtype), False)
 
 
 def _row_grad(lg: Tensor, compiled: bool, ids: Tensor, bg: BinGrads, s, cdtype) -> Tensor:
@@ -280,13 +273,12 @@ def _row_grad(lg: Tensor, compiled: bool, ids: Tensor, bg: BinGrads, s, cdtype) 
             return _grad_c(lg, ids, bg, s, cdtype)
         except _CompileFailed:
             pass
-    g = _eager_grad(lg, s, cdtype, bg)
-    g.scatter_(1, ids, bg.g_top)
-    return g.to(lg.dtype)
+    g = eager_dense_grad(lg, bg, s, cdtype, out=lg)
+    return g.scatter_(1, ids, bg.g_top.to(g.dtype))
 
 
 def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: BinGrads, s, cdtype, fast: bool) -> Tensor:
-    """dL/dlogits for the vocabulary block [v0, v0 + width) of every row."""
+    """dL/dlogits for the vocabulary block [v0, v0 + width) of every row (`lg` overwritten)."""
     cols = ids - v0
     if fast:
         try:
@@ -295,10 +287,10 @@ def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: BinGrads, s, cdtype, fast:
             pass
     width = lg.shape[1]
     valid = (cols >= 0) & (cols < width)
-    g = _eager_grad(lg, s, cdtype, bg)
+    g = eager_dense_grad(lg, bg, s, cdtype, out=lg)
     r = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
-    g[r[valid], cols[valid]] = bg.g_top[valid]
-    return g.to(lg.dtype)
+    g[r[valid], cols[valid]] = bg.g_top[valid].to(g.dtype)
+    return g
 
 
 def _forward_stats(hidden, weight, bias, ids, s, cdtype, rows_per_chunk, fast):
@@ -307,7 +299,7 @@ def _forward_stats(hidden, weight, bias, ids, s, cdtype, rows_per_chunk, fast):
     for r0 in range(0, n, rows_per_chunk):
         rows = slice(r0, min(n, r0 + rows_per_chunk))
         lg = _logits(hidden[rows], weight, bias)
-        parts.append(_row_stats(lg, ids[rows], s, cdtype, fast, keep=False)[:5])
+        parts.append(_row_stats(lg, ids[rows], s, cdtype, fast)[:5])
         del lg
     if len(parts) == 1:
         return parts[0]
@@ -400,9 +392,7 @@ class _FusedLossForwardGrad(torch.autograd.Function):
             h = hidden[rows]
             idx = ids[rows]
             lg = _logits(h, weight, bias)
-            log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma, compiled = _row_stats(
-                lg, idx, s, cdtype, fast, keep=True
-            )
+            log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma, compiled = _row_stats(lg, idx, s, cdtype, fast)
             if not want_grad:
                 loss[rows] = bins_loss(log_q_s, log_q_tail, log_gamma, p_s[rows], p_tail[rows], config)
                 continue

@@ -145,6 +145,8 @@ class Meter:
             fn()
             torch.cuda.synchronize(self.device)
             return float(torch.cuda.max_memory_allocated(self.device) - base)
+        if self._libc is not None:
+            self._libc.malloc_trim(0)  # freed heap memory must not be reused inside the reading
         _clear_hwm()
         base = _proc_status("VmRSS")
         fn()
