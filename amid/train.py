@@ -525,7 +525,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     start_time = time.time()
     out = Path(cfg.out)
     resume_state = _prepare_run_dir(cfg, log)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
 
     # --- cache, student, compatibility
@@ -608,6 +607,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     else:
         metrics_path.unlink(missing_ok=True)
         _seed_everything(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory behind
     write_json_atomic(out / "config.json", cfg.to_dict())
 
     n_params = sum(p.numel() for p in params)
