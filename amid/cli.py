@@ -274,6 +274,9 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--num-workers", default=2, show_default=True, help="Threads reading cache shards.")
 @click.option("--shuffle-buffer", default=4096, show_default=True,
               help="Examples shuffled together (whole shards are read; two windows are held in memory).")
+@click.option("--shuffle-tokens", default=1 << 21, show_default=True,
+              help="A shuffle window also closes at this many tokens: bounds the loader's memory for long "
+                   "sequences (about 2 x tokens x k x 6 bytes).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the hub.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

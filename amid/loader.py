@@ -7,7 +7,8 @@ top-k data is read:
 - `split` holds out evaluation examples by a hash of `example_id` (stable across runs, seeds
   and shard layouts).
 - `Plan` cuts every epoch into *windows*: the shards in a seeded order, grouped until a window
-  holds at least `shuffle_buffer` training examples. A window's examples are shuffled, sorted by
+  holds at least `shuffle_buffer` training examples or `window_tokens` tokens (long sequences:
+  the loader's memory follows tokens, not examples). A window's examples are shuffled, sorted by
   length inside pools of ~64 batches (little padding), cut into batches (a number of sequences,
   or a budget of padded tokens) and the batches shuffled again.
 - `Loader` reads a window's shards (checksums verified, in `num_workers` threads, the next
@@ -23,6 +24,7 @@ batch i is a pure function of i and the seed, so resuming needs nothing but the 
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,8 +123,11 @@ class Plan:
         batch_size: int,
         max_tokens: int | None,
         shuffle_buffer: int,
+        window_tokens: int | None = None,
     ):
-        """`rows[s]`: the rows of shard s that are used for training."""
+        """`rows[s]`: the rows of shard s that are used for training. A window closes at the first
+        shard that brings it to `shuffle_buffer` examples or `window_tokens` tokens (None: no
+        token bound); it always holds whole shards."""
         self.metas = metas
         self.rows = rows
         self.seed = seed
@@ -131,6 +136,7 @@ class Plan:
         # Batches are a number of sequences, or (with max_tokens) a budget of padded tokens.
         self._batch_limit = None if max_tokens else batch_size
         self.shuffle_buffer = max(1, shuffle_buffer)
+        self.window_tokens = window_tokens
         self._cache: dict[int, list[tuple[list[int], list[Batch]]]] = {}
         self.examples = int(sum(len(r) for r in rows))
         self.batches_per_epoch = sum(len(b) for _, b in self.epoch(0))
@@ -148,15 +154,17 @@ class Plan:
 
     def _make_epoch(self, epoch: int) -> list[tuple[list[int], list[Batch]]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.metas))
-        windows, current, count = [], [], 0
+        windows, current, count, tokens = [], [], 0, 0
+        token_cap = self.window_tokens if self.window_tokens is not None else math.inf
         for s in order:
             if len(self.rows[s]) == 0:
                 continue
             current.append(int(s))
             count += len(self.rows[s])
-            if count >= self.shuffle_buffer:
+            tokens += int(self.metas[s].lengths[self.rows[s]].sum())
+            if count >= self.shuffle_buffer or tokens >= token_cap:
                 windows.append(current)
-                current, count = [], 0
+                current, count, tokens = [], 0, 0
         if current:
             windows.append(current)
         return [(shards, self._window_batches(shards, epoch, w)) for w, shards in enumerate(windows)]

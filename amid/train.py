@@ -136,6 +136,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     num_workers: int = 2
     shuffle_buffer: int = 4096
+    shuffle_tokens: int = 1 << 21
     lm_data: str | None = None
     lm_weight: float = 1.0
     lm_batch_size: int | None = None
@@ -164,6 +165,8 @@ class TrainConfig:
             (min(self.eval_every, self.log_every, self.save_every) >= 1,
              "--eval-every, --log-every and --save-every must be at least 1"),
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
+            (self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}"),
+            (self.shuffle_tokens >= 1, f"--shuffle-tokens must be at least 1, got {self.shuffle_tokens}"),
             (self.lm_weight >= 0, f"--lm-weight must be at least 0, got {self.lm_weight}"),
             (self.lm_batch_size is None or self.lm_batch_size >= 1,
              f"--lm-batch-size must be at least 1, got {self.lm_batch_size}"),
@@ -564,7 +567,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     else:
         eval_cache, eval_metas = cache, metas
         train_rows, eval_rows = split(metas, cfg.eval_fraction, cfg.eval_max_examples)
-    plan = Plan(metas, train_rows, cfg.seed, cfg.batch_size, cfg.max_tokens, cfg.shuffle_buffer)
+    plan = Plan(metas, train_rows, cfg.seed, cfg.batch_size, cfg.max_tokens, cfg.shuffle_buffer, cfg.shuffle_tokens)
     if plan.examples == 0:
         raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")
     eval_batches = _eval_batches(eval_cache, eval_rows, eval_metas, cfg, pad_id)

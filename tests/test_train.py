@@ -468,6 +468,23 @@ def test_plan_covers_each_training_example_once_per_epoch(world):
             assert len(b) == 1 or longest * len(b) <= 120
 
 
+def test_plan_windows_bounded_by_tokens(world):
+    cache = open_cache(world["cache"])
+    metas = scan(cache)
+    train_rows, _ = split(metas, 0.2, 1000)
+    n_train = sum(len(r) for r in train_rows)
+    shard_tokens = [int(m.lengths[r].sum()) for m, r in zip(metas, train_rows)]
+    cap = max(shard_tokens) + 1  # more than any one shard: windows of one or more whole shards
+    by_examples = Plan(metas, train_rows, seed=7, batch_size=5, max_tokens=None, shuffle_buffer=10**6)
+    plan = Plan(metas, train_rows, seed=7, batch_size=5, max_tokens=None, shuffle_buffer=10**6, window_tokens=cap)
+    assert len(by_examples.epoch(0)) == 1 < len(plan.epoch(0))
+    for shards, _ in plan.epoch(0)[:-1]:
+        tokens = [shard_tokens[s] for s in shards]
+        assert sum(tokens) >= cap > sum(tokens[:-1])  # closed at the shard that reached the cap
+    served = [item for _, batches in plan.epoch(0) for b in batches for item in b]
+    assert len(served) == len(set(served)) == n_train
+
+
 def test_loader_resumes_mid_stream(world):
     cache = open_cache(world["cache"])
     metas = scan(cache)
