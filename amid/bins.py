@@ -22,17 +22,10 @@ __all__ = [
     "student_bins",
     "BinGrads",
     "bin_grads",
-    "bins_from_stats",
-    "chunk_bins",
-    "chunk_rows",
     "compute_dtype",
-    "dense_tail_grad",
+    "eager_logit_stats",
     "eager_dense_grad",
     "eager_logit_grad",
-    "eager_logit_stats",
-    "row_chunks",
-    "scaled",
-    "tail_stats_",
 ]
 
 
@@ -48,13 +41,13 @@ CHUNK_ELEMENTS = 1 << 23
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
-def chunk_rows(v: int, device: torch.device | None = None) -> int:
+def chunk_rows(v: int, device: torch.device) -> int:
     """Rows of width v in one chunk on `device`."""
-    budget = CPU_CHUNK_ELEMENTS if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
+    budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CHUNK_ELEMENTS
     return max(1, budget // max(v, 1))
 
 
-def row_chunks(n: int, v: int, device: torch.device | None = None):
+def row_chunks(n: int, v: int, device: torch.device):
     """Slices of at most one chunk's worth of rows of an [n, v] tensor on `device`."""
     step = chunk_rows(v, device)
     for start in range(0, n, step):
@@ -130,8 +123,9 @@ def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = N
 
     Returns (z_S [R, k], lse_tail [R], lse_s_tail [R] (zeros without s)): the top-k logits and
     the logsumexp of z (of s·z) over the complement of the top-k, exact however small the tail.
-    Every pass works in place on z (and on `work`, scratch of z's shape for the s·z sum), so a
-    chunk that fits in cache costs about one read of it.
+    For s None or s > 0 every pass works in place on z (and on `work`, scratch of z's shape for
+    the s·z sum), so a chunk that fits in cache costs about one read of it; s ≤ 0 (rare) takes
+    a plain logsumexp with temporaries.
     """
     z_s = z.gather(1, ids)
     z.scatter_(1, ids, -math.inf)
@@ -149,9 +143,9 @@ def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = N
 
 
 def dense_tail_grad(z: Tensor, bg: BinGrads, s: float | None, out: Tensor, work: Tensor | None = None) -> Tensor:
-    """out = coef·exp(z − lse_tail) [+ gs·exp(s·z − lse_s_tail)], column by column of z [R, W]
-    (any float dtype); out [R, W] in the compute dtype, may be z itself; `work`: optional
-    scratch like out. Top-k columns get meaningless values: the caller overwrites them."""
+    """out = coef·exp(z − lse_tail) [+ gs·exp(s·z − lse_s_tail)] elementwise, z [R, W] any float
+    dtype, out [R, W] in the compute dtype (may be z itself), `work` optional scratch like out
+    (used for s > 0). Top-k entries get meaningless values: the caller overwrites them."""
     extra = None
     if s is not None and s <= 0:  # scaled() keeps −inf entries at −inf for these s
         extra = scaled(z.to(out.dtype), s).sub_(bg.lse_s_tail[:, None]).exp_()
@@ -203,13 +197,13 @@ def eager_logit_stats(logits: Tensor, ids: Tensor, s: float | None, dtype: torch
     """`chunk_bins` of every row of logits [N, V], chunk by chunk (eager PyTorch)."""
     n, v = logits.shape
     buf = _chunk_buffer(logits, dtype)
-    work = _chunk_buffer(logits, dtype) if s is not None else None
-    parts = []
-    for rows in row_chunks(n, v, logits.device):
-        z = buf[: rows.stop - rows.start].copy_(logits[rows])
-        parts.append(chunk_bins(z, ids[rows], s, work))
-    if len(parts) == 1:
-        return parts[0]
+    work = _chunk_buffer(logits, dtype) if s is not None and s > 0 else None
+    parts = [
+        chunk_bins(buf[: rows.stop - rows.start].copy_(logits[rows]), ids[rows], s, work)
+        for rows in row_chunks(n, v, logits.device)
+    ]
+    if len(parts) <= 1:
+        return parts[0] if parts else chunk_bins(buf[:0], ids, s, work)  # N = 0: empty outputs
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
@@ -219,7 +213,7 @@ def eager_dense_grad(z: Tensor, bg: BinGrads, s: float | None, dtype: torch.dtyp
     n, w = z.shape
     direct = out.dtype == dtype  # write straight into out, no scratch
     buf = None if direct else _chunk_buffer(z, dtype)
-    work = _chunk_buffer(z, dtype) if s is not None else None
+    work = _chunk_buffer(z, dtype) if s is not None and s > 0 else None
     for rows in row_chunks(n, w, z.device):
         o = out[rows] if direct else buf[: rows.stop - rows.start]
         dense_tail_grad(z[rows], bg.rows(rows), s, o, work)

@@ -55,7 +55,7 @@ MODES = ("auto", "recompute", "forward")
 
 # Elements of one chunk of logits (rows × V in the forward, N × columns in the backward).
 _CHUNK_ELEMENTS = 1 << 25  # compiled kernels: 64 MiB of bf16 logits, no float32 temporaries
-_CHUNK_ELEMENTS_EAGER = 1 << 23  # eager: ~32 MiB float32, a few temporaries of that size
+_CHUNK_ELEMENTS_EAGER = 1 << 23  # eager: 32 MiB of float32 logits per matmul (elementwise work in amid.bins' sub-chunks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: BinGrads, s, cdtype, fast:
 def _forward_stats(hidden, weight, bias, ids, s, cdtype, rows_per_chunk, fast):
     n = hidden.shape[0]
     parts = []
-    for r0 in range(0, n, rows_per_chunk):
+    for r0 in range(0, n, rows_per_chunk) or [0]:  # N = 0: one empty chunk, empty outputs
         rows = slice(r0, min(n, r0 + rows_per_chunk))
         lg = _logits(hidden[rows], weight, bias)
         parts.append(_row_stats(lg, ids[rows], s, cdtype, fast)[:5])

@@ -65,6 +65,9 @@ RESUMABLE_CHANGES = frozenset(
     {"resume", "progress", "num_workers", "device", "dtype", "fused", "log_every", "eval_every",
      "save_every", "max_steps", "epochs", "student"}
 )
+# Settings added after runs could already be saved, with the value that reproduces a run saved
+# without them: resuming such a run keeps that value (its data plan must not move under it).
+ADDED_SETTINGS = {"shuffle_tokens": None}
 
 
 class TrainError(RuntimeError):
@@ -136,7 +139,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     num_workers: int = 2
     shuffle_buffer: int = 4096
-    shuffle_tokens: int = 1 << 21
+    shuffle_tokens: int | None = 1 << 21  # None: windows bounded by examples only
     lm_data: str | None = None
     lm_weight: float = 1.0
     lm_batch_size: int | None = None
@@ -166,7 +169,8 @@ class TrainConfig:
              "--eval-every, --log-every and --save-every must be at least 1"),
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
             (self.shuffle_buffer >= 1, f"--shuffle-buffer must be at least 1, got {self.shuffle_buffer}"),
-            (self.shuffle_tokens >= 1, f"--shuffle-tokens must be at least 1, got {self.shuffle_tokens}"),
+            (self.shuffle_tokens is None or self.shuffle_tokens >= 1,
+             f"--shuffle-tokens must be at least 1, got {self.shuffle_tokens}"),
             (self.lm_weight >= 0, f"--lm-weight must be at least 0, got {self.lm_weight}"),
             (self.lm_batch_size is None or self.lm_batch_size >= 1,
              f"--lm-batch-size must be at least 1, got {self.lm_batch_size}"),
@@ -486,15 +490,17 @@ def _prepare_run_dir(cfg: TrainConfig, log) -> dict[str, Any] | None:
         return None
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
     saved = state["config"]
+    legacy = {k: v for k, v in ADDED_SETTINGS.items() if saved.get(k, v) == v}
     changed = sorted(
-        k for k, v in TrainConfig.from_dict(saved).to_dict().items()
-        if k not in RESUMABLE_CHANGES and cfg.to_dict()[k] != v
+        k for k, v in TrainConfig.from_dict({**saved, **legacy}).to_dict().items()
+        if k not in RESUMABLE_CHANGES and k not in legacy and cfg.to_dict()[k] != v
     )
     if changed:
         raise TrainError(
             f"{out}: the run was started with different {', '.join(changed)}; resume with the same "
             f"settings (see {out / 'config.json'}) or choose another --out"
         )
+    state["legacy"] = {k: v for k, v in legacy.items() if getattr(cfg, k) != v}
     return state
 
 
@@ -528,6 +534,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     start_time = time.time()
     out = Path(cfg.out)
     resume_state = _prepare_run_dir(cfg, log)
+    if resume_state is not None and resume_state["legacy"]:
+        cfg = dataclasses.replace(cfg, **resume_state["legacy"])
+        log(f"{out}: this run predates {', '.join(resume_state['legacy'])}; resuming it as it ran "
+            f"({', '.join(f'{k}={v}' for k, v in resume_state['legacy'].items())})")
     ckpt_dir = out / "checkpoint"
 
     # --- cache, student, compatibility

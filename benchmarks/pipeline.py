@@ -12,7 +12,7 @@ Run through `python -m benchmarks.run --rows 4,5,6` (the hooks in benchmarks/run
    synthetic Zipf teacher (below). Each shard holds the distinct teacher rows once (as
    cache_format.py does), so zstd never sees a row twice within a shard; enough shards are written
    to pass `--cache-positions` positions (CPU 50k from 4,096 distinct rows; GPU 200k from 8,192).
-   Throughput is timed under glibc's default malloc behaviour (`Meter.unpinned` in benchmarks/run.py).
+   Throughput is timed under glibc's default malloc behaviour (see `Meter` in benchmarks/run.py).
    Then the demo check: a demo-shaped cache (V = 1024, k = 32, batch 16, ~100-token sequences)
    read by the loader against the demo student (pipelines/demo.py `llama(1024, 64, 2, 4)`) doing
    the trainer's step (`amid.train.batch_loss` + backward + clip + AdamW) on the same batches with
@@ -52,6 +52,7 @@ from amid.cache import Progress, ShardWriter, finalize, make_header, open_cache
 from amid.loader import Loader, Plan, scan, split
 from amid.losses import LossConfig
 from amid.teacher import teacher_topk
+from amid.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -195,7 +196,8 @@ def loader_run(directory: Path, batch_size: int, num_workers: int = 1, keep: int
     cache = open_cache(directory)
     metas = scan(cache)
     rows, _ = split(metas, 0.0, 0)
-    plan = Plan(metas, rows, seed=0, batch_size=batch_size, max_tokens=None, shuffle_buffer=4096)
+    plan = Plan(metas, rows, seed=0, batch_size=batch_size, max_tokens=None,
+                shuffle_buffer=TrainConfig.shuffle_buffer, window_tokens=TrainConfig.shuffle_tokens)
     n = tokens = batches = 0
     kept = []
     first = None

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from amid import fused
+from amid import bins, fused
 from amid.fused import fused_sparse_loss
 from amid.losses import PRESETS, LossConfig, sparse_loss
 
@@ -145,6 +145,40 @@ def test_frozen_head_and_no_grad(mode):
     h_ref = hidden.clone().requires_grad_()
     sparse_loss(F.linear(h_ref, weight, bias), ids, top, tail, cfg).sum().backward()
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", ["amid", "abkd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_eager_sub_chunks_match_float64(preset, mode, dtype, monkeypatch):
+    # The eager elementwise work runs in sub-chunks of amid.bins.CPU_CHUNK_ELEMENTS logits inside
+    # each matmul chunk (and each backward block): 150 logits = 2 rows of V = 67, 2 rows of a block.
+    prob = _problem(seed=12)
+    cfg = LossConfig.preset(preset)
+    ref = _both(*prob, cfg, chunk_size=5, mode=mode)[0]
+    monkeypatch.setattr(bins, "CPU_CHUNK_ELEMENTS", 150)
+    hidden, weight, bias, ids, top, tail = prob
+    mat, got = _both(hidden.to(dtype), weight.to(dtype), bias.to(dtype), ids, top, tail, cfg, chunk_size=5, mode=mode)
+    tol = dict(rtol=2e-4, atol=2e-5) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-3)
+    for name, r, m, g in zip(("loss", "grad hidden", "grad weight", "grad bias"), ref, mat, got):
+        assert g.dtype == (torch.float32 if name == "loss" else dtype), name
+        torch.testing.assert_close(g.double(), r, **tol, msg=lambda msg: f"{name}: {msg}")
+        torch.testing.assert_close(m.double(), r, **tol, msg=lambda msg: f"{name} (materialised): {msg}")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("preset", ["amid", "abkd"])
+def test_empty_batch(preset, mode):
+    hidden, weight, bias, ids, top, tail = _problem(seed=13)
+    hidden, ids, top, tail = hidden[:0], ids[:0], top[:0], tail[:0]
+    cfg = LossConfig.preset(preset)
+    z = F.linear(hidden, weight, bias).requires_grad_()
+    assert sparse_loss(z, ids, top, tail, cfg).shape == (0,)
+    w = weight.clone().requires_grad_()
+    loss = fused_sparse_loss(hidden, w, bias, ids, top, tail, cfg, mode=mode)
+    assert loss.shape == (0,)
+    loss.sum().backward()
+    assert (w.grad == 0).all()
 
 
 def test_rejects_bad_shapes():

@@ -83,3 +83,12 @@ def test_bf16_logits_computed_in_float32_with_bf16_grad():
     torch.testing.assert_close(log_s.double(), want_s, rtol=0, atol=1e-5)
     (log_s.sum() + log_tail.sum()).backward()
     assert z.grad.dtype == torch.bfloat16 and torch.isfinite(z.grad.float()).all()
+
+
+@pytest.mark.parametrize("s", [None, 0.9, -0.5])
+def test_empty_batch(s):
+    z = torch.randn(0, 10, requires_grad=True)
+    log_s, log_tail, log_gamma = student_bins(z, torch.zeros(0, 3, dtype=torch.long), s)
+    assert log_s.shape == (0, 3) and log_tail.shape == log_gamma.shape == (0,)
+    (log_s.sum() + log_tail.sum() + log_gamma.sum()).backward()
+    assert z.grad.shape == (0, 10)

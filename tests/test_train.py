@@ -242,6 +242,28 @@ def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypat
         train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3}), log=quiet)
 
 
+def test_resume_of_a_run_saved_before_shuffle_tokens_keeps_its_plan(world, tmp_path):
+    # A checkpoint written before --shuffle-tokens existed: its config has no such key and its
+    # windows were bounded by examples only. Resuming must keep that plan, whatever is passed now.
+    kw = dict(max_steps=8, save_every=4, shuffle_buffer=40, shuffle_tokens=None, schedule="constant")
+    train(config(world, tmp_path / "whole", **kw), log=quiet)
+    train(config(world, tmp_path / "old", **{**kw, "max_steps": 4}), log=quiet)
+    state_file = tmp_path / "old" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]["shuffle_tokens"]
+    torch.save(state, state_file)
+    logs = []
+    train(config(world, tmp_path / "old", **{**kw, "shuffle_tokens": 1, "resume": True}), log=logs.append)
+    assert any("predates shuffle_tokens" in line for line in logs)
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "old")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert [a[i] for i in range(5, 9)] == pytest.approx([b[i] for i in range(5, 9)], abs=1e-6, rel=0)
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["shuffle_tokens"] is None
+    # One token per window is a different plan: it gives other batches from step 5 on.
+    train(config(world, tmp_path / "other", **{**kw, "shuffle_tokens": 1}), log=quiet)
+    assert [a[i] for i in range(5, 9)] != pytest.approx([_losses(tmp_path / "other")[i] for i in range(5, 9)], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The optional plain language-modelling stream
 
