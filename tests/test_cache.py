@@ -130,8 +130,8 @@ def test_cache_matches_teacher_full_logits(arch, kind, teachers, data_files, tmp
     teacher = teachers[arch]
     temperature = 2.0 if (arch, kind) == ("gpt2", "text") else 1.0
     out = tmp_path / "cache"
-    manifest = run_cache(teacher=str(teacher), data=str(data_files[kind]), out=str(out),
-                         examples_per_shard=5, batch_size=4, temperature=temperature)
+    run_cache(teacher=str(teacher), data=str(data_files[kind]), out=str(out),
+              examples_per_shard=5, batch_size=4, temperature=temperature)
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
