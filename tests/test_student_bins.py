@@ -4,20 +4,27 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from amid import bins
 from amid.losses import student_bins
 
 
 def _naive_bins(z: torch.Tensor, ids: torch.Tensor, s: float | None):
+    """Plain float64 autograd: log_softmax, mask the top-k, logsumexp. Rows without a tail get
+    log q_tail = −inf and log γ = 0 through a where() that keeps their gradient free of nan."""
     log_q = torch.log_softmax(z.double(), dim=-1)
     in_s = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, ids, True)
     tail = log_q.masked_fill(in_s, -math.inf)
-    log_tail = torch.logsumexp(tail, dim=-1)
+    has_tail = torch.isfinite(tail).any(dim=-1)
+    safe = torch.where(has_tail[:, None], tail, torch.zeros_like(tail))
+    lse = torch.logsumexp(safe, dim=-1)
+    log_tail = torch.where(has_tail, lse, torch.full_like(lse, -math.inf))
     out = [log_q.gather(1, ids), log_tail]
     if s is not None:
-        scaled = torch.where(torch.isneginf(tail), tail, s * tail)
-        out.append(torch.logsumexp(scaled, dim=-1) - s * log_tail)
+        scaled = torch.where(torch.isneginf(safe), safe, s * safe)
+        out.append(torch.where(has_tail, torch.logsumexp(scaled, dim=-1) - s * lse, torch.zeros_like(lse)))
     return out
 
 
@@ -92,3 +99,48 @@ def test_empty_batch(s):
     assert log_s.shape == (0, 3) and log_tail.shape == log_gamma.shape == (0,)
     (log_s.sum() + log_tail.sum() + log_gamma.sum()).backward()
     assert z.grad.shape == (0, 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 7),
+    v=st.integers(2, 30),
+    k_share=st.floats(0.05, 1.0),
+    s=st.sampled_from([None, 0.9, 2.5, 0.0, -0.7]),
+    scale=st.sampled_from([0.1, 3.0, 60.0]),
+    masked=st.integers(0, 3),
+    budget=st.sampled_from([1, 7, 40, 1 << 20]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_float64_autograd(n, v, k_share, s, scale, masked, budget, seed):
+    # Any shape, chunking (`budget` logits a chunk), −inf columns, scale (top-k holding almost all
+    # the mass at 60), rows with no tail (k = every finite column) and any tail exponent s.
+    gen = torch.Generator().manual_seed(seed)
+    masked = min(masked, v - 1)
+    finite = v - masked
+    k = max(1, min(finite, round(k_share * finite)))
+    z = torch.randn(n, v, dtype=torch.float64, generator=gen) * scale
+    if masked:
+        z[:, -masked:] = -math.inf
+    ids = _ids(n, finite, k, gen) if n else torch.zeros(0, k, dtype=torch.long)
+    old = bins.CPU_CHUNK_ELEMENTS
+    bins.CPU_CHUNK_ELEMENTS = budget
+    try:
+        z1 = z.clone().requires_grad_()
+        got = student_bins(z1, ids, s)
+    finally:
+        bins.CPU_CHUNK_ELEMENTS = old
+    z2 = z.clone().requires_grad_()
+    want = _naive_bins(z2, ids, s)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+    weights = [torch.randn(w.shape, dtype=torch.float64, generator=gen) for w in want]
+    # log q_tail = −inf (no tail) carries no gradient: weigh its finite entries only.
+    loss = lambda outs: sum(  # noqa: E731
+        torch.where(torch.isfinite(o), o, torch.zeros_like(o)).mul(c).sum() for o, c in zip(outs, weights))
+    loss(got).backward()
+    loss(want).backward()
+    assert torch.isfinite(z2.grad).all()
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=1e-8, atol=1e-10)
+    if masked:
+        assert (z1.grad[:, -masked:] == 0).all()
