@@ -542,27 +542,24 @@ def decode_shard(examples: pa.Table, topk: pa.Table, k: int, compact: bool = Fal
     int64 / float32, half the memory; the training loader keeps examples so and widens per batch."""
     def lists(name: str) -> tuple[list[int], np.ndarray]:
         col = examples.column(name).combine_chunks()
-        return col.offsets.to_numpy().tolist(), col.values.to_numpy(zero_copy_only=False)
+        return np.diff(col.offsets.to_numpy()).tolist(), col.values.to_numpy(zero_copy_only=False)
 
-    in_off, in_val = lists("input_ids")
-    pos_off, pos_val = lists("positions")
+    in_len, in_val = lists("input_ids")
+    pos_len, pos_val = lists("positions")
     _, tail_val = lists("tail_logmass")
-    input_ids = _to_torch(in_val, torch.int64)
-    positions = _to_torch(pos_val, torch.int64)
-    tail = _to_torch(tail_val, torch.float32)
     # Rows in the topk file follow the positions' order, k per position (Cache.iter_shard checks the count).
-    topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int32 if compact else torch.int64).view(-1, k)
-    topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float16 if compact else torch.float32).view(-1, k)
-    for i, ex_id in enumerate(examples.column("example_id").to_numpy().tolist()):
-        a, b = pos_off[i], pos_off[i + 1]
-        yield {
-            "example_id": ex_id,
-            "input_ids": input_ids[in_off[i]: in_off[i + 1]],
-            "positions": positions[a:b],
-            "topk_ids": topk_ids[a:b],
-            "topk_logprobs": topk_lp[a:b],
-            "tail_logmass": tail[a:b],
-        }
+    # torch.split makes every example's view in one call (per-example slicing cost ~2 µs a view).
+    columns = (
+        torch.split(_to_torch(in_val, torch.int64), in_len),
+        torch.split(_to_torch(pos_val, torch.int64), pos_len),
+        torch.split(_to_torch(_flat(topk.column("topk_id")), torch.int32 if compact else torch.int64).view(-1, k), pos_len),
+        torch.split(_to_torch(_flat(topk.column("topk_logprob")), torch.float16 if compact else torch.float32).view(-1, k),
+                    pos_len),
+        torch.split(_to_torch(tail_val, torch.float32), pos_len),
+    )
+    names = ("input_ids", "positions", "topk_ids", "topk_logprobs", "tail_logmass")
+    for ex_id, *views in zip(examples.column("example_id").to_numpy().tolist(), *columns):
+        yield {"example_id": ex_id, **dict(zip(names, views))}
 
 
 def open_cache(path: str | os.PathLike, verify: bool = True) -> Cache:
