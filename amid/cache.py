@@ -548,13 +548,14 @@ def decode_shard(examples: pa.Table, topk: pa.Table, k: int, compact: bool = Fal
     pos_len, pos_val = lists("positions")
     _, tail_val = lists("tail_logmass")
     # Rows in the topk file follow the positions' order, k per position (Cache.iter_shard checks the count).
+    topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int32 if compact else torch.int64).view(-1, k)
+    topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float16 if compact else torch.float32).view(-1, k)
     # torch.split makes every example's view in one call (per-example slicing cost ~2 µs a view).
     columns = (
         torch.split(_to_torch(in_val, torch.int64), in_len),
         torch.split(_to_torch(pos_val, torch.int64), pos_len),
-        torch.split(_to_torch(_flat(topk.column("topk_id")), torch.int32 if compact else torch.int64).view(-1, k), pos_len),
-        torch.split(_to_torch(_flat(topk.column("topk_logprob")), torch.float16 if compact else torch.float32).view(-1, k),
-                    pos_len),
+        torch.split(topk_ids, pos_len),
+        torch.split(topk_lp, pos_len),
         torch.split(_to_torch(tail_val, torch.float32), pos_len),
     )
     names = ("input_ids", "positions", "topk_ids", "topk_logprobs", "tail_logmass")
