@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amid import __version__
+from amid.bins import eager_logit_stats
 from amid.cache import (
     MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, is_cache_entry,
     make_header, progress_name, temporary_files,
@@ -125,17 +125,16 @@ def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
         logits: [P, V] any float dtype.
     Returns:
         (ids [P, k] int64, logprobs [P, k] float32, tail_logmass [P] float32), all computed in
-        float32 from the full logits; the tail is a logsumexp over the complement of the top-k.
+        float32 from the full logits; the tail is a logsumexp over the complement of the top-k
+        (−inf when k ≥ V). The statistics are the student side's (`amid.bins`), so the cache's
+        bins and the student's are one definition, computed in cache-sized chunks.
     """
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
-    k = min(k, z.shape[-1])
-    top, ids = torch.topk(z, k, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
-    rest = z.scatter(-1, ids, -math.inf)
-    tail = torch.logsumexp(rest, dim=-1) - lse
-    return ids, top - lse[:, None], tail
+    ids = torch.topk(z, min(k, z.shape[-1]), dim=-1).indices
+    log_q_s, _, _, log_q_tail, _ = eager_logit_stats(z, ids, None, torch.float32)
+    return ids, log_q_s, log_q_tail
 
 
 def resolve_device(device: str) -> torch.device:

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 from amid.cache import CacheError, ShardWriter, open_cache
 from amid.cli import main as cli
 from amid.codec import round_logprobs
-from amid.teacher import CacheConfig, cache_teacher
+from amid.teacher import CacheConfig, cache_teacher, teacher_topk
 from helpers import instruction_records, save_teacher, text_records, write_jsonl
 
 K = 64
@@ -738,3 +738,30 @@ def test_shards_readable_without_amid(gpt2_cache, tmp_path):
     finally:
         for f in junk:
             f.unlink()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_teacher_topk_matches_float64(dtype, temperature, monkeypatch):
+    # Several chunks (a budget of 3 rows of V = 500), −inf columns, a row whose top-k hold all but
+    # ~e^-50 of the mass (the tail must come from the complement, not 1 − Σ top-k), k ≥ V.
+    from amid import bins
+
+    monkeypatch.setattr(bins, "CPU_CHUNK_ELEMENTS", 1500)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(11, 500, generator=gen) * 4).to(dtype)
+    logits[:, -7:] = -math.inf
+    logits[3, :16] = 60.0
+    ids, lps, tail = teacher_topk(logits, 16, temperature)
+    z = logits.double() / temperature
+    logp = torch.log_softmax(z, dim=-1)
+    want_ids = torch.topk(z, 16, dim=-1).indices
+    assert torch.equal(torch.sort(ids).values, torch.sort(want_ids).values)
+    assert ids.dtype == torch.int64 and lps.dtype == tail.dtype == torch.float32
+    torch.testing.assert_close(lps.double(), logp.gather(1, ids), rtol=0, atol=2e-6 * temperature)
+    want_tail = torch.logsumexp(logp.scatter(1, ids, -math.inf), dim=-1)
+    torch.testing.assert_close(tail.double(), want_tail, rtol=1e-5, atol=2e-6)
+    assert math.isfinite(tail[3].item()) and tail[3].item() < -20 / temperature  # 1 − Σ top-k is 0 in float32
+    ids_all, lps_all, tail_all = teacher_topk(logits[:2, :9], 16)  # k ≥ V: every entry, no tail
+    assert ids_all.shape == (2, 9) and torch.isneginf(tail_all).all()
+    torch.testing.assert_close(lps_all.exp().sum(dim=-1), torch.ones(2), rtol=0, atol=1e-6)
