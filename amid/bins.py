@@ -35,9 +35,10 @@ def compute_dtype(t: Tensor) -> torch.dtype:
 
 
 # Logits per chunk of rows. On the CPU a chunk small enough to stay in cache (4 MiB of float32)
-# makes the passes after the first nearly free; elsewhere (eager CUDA, when the compiled kernels
-# are off) fewer, larger chunks keep the launches few.
-CHUNK_ELEMENTS = 1 << 23
+# makes the passes after the first nearly free; on a GPU (eager kernels: the compiled ones are
+# off, or the teacher's statistics in amid.teacher) fewer, larger chunks keep the launches few:
+# a chunk is ~15 kernels, and its scratch (one or two float32 buffers of 128 MiB) is all it holds.
+CHUNK_ELEMENTS = 1 << 25
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
