@@ -55,7 +55,7 @@ MODES = ("auto", "recompute", "forward")
 
 # Elements of one chunk of logits (rows × V in the forward, N × columns in the backward).
 _CHUNK_ELEMENTS = 1 << 25  # compiled kernels: 64 MiB of bf16 logits, no float32 temporaries
-_CHUNK_ELEMENTS_EAGER = 1 << 23  # eager: 32 MiB of float32 logits per matmul (elementwise work in amid.bins' sub-chunks)
+_CHUNK_ELEMENTS_EAGER = 1 << 23  # eager: 32 MiB of float32 logits per matmul (elementwise work: amid.bins)
 
 
 # ----------------------------------------------------------------------------------------------

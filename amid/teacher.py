@@ -129,9 +129,9 @@ def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
         (−inf when k ≥ V). The statistics are the student side's (`amid.bins`), so the cache's
         bins and the student's are one definition, computed in cache-sized chunks.
     """
-    z = logits.float()
+    z = logits.to(torch.float32, copy=temperature != 1.0)
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)
     ids = torch.topk(z, min(k, z.shape[-1]), dim=-1).indices
     log_q_s, _, _, log_q_tail, _ = eager_logit_stats(z, ids, None, torch.float32)
     return ids, log_q_s, log_q_tail
@@ -318,6 +318,14 @@ def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: fl
     parts = [teacher_topk(z, k, temperature) for z in logits.chunks(_batch_rows(batch, pad, device), step)]
     ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))
     tail = tail.astype(np.float32)
+    bad = np.flatnonzero(np.isnan(lps).any(axis=1) | np.isnan(tail))
+    if len(bad):  # a broken teacher must not leave a cache of NaN behind, nor a silent tail of 0
+        example = batch[int(np.searchsorted(np.cumsum([len(e.positions) for e in batch]), bad[0], side="right"))]
+        raise CacheError(
+            f"the teacher's logits are NaN at {len(bad)} target position(s) of this batch, first in example "
+            f"{example.example_id}; check the teacher's weights, or its --dtype (fp16 overflows in many models: "
+            f"use bf16 or fp32)"
+        )
     start = 0
     for e in batch:
         end = start + len(e.positions)
