@@ -282,17 +282,18 @@ class Progress:
         )
 
 
-def finished_tasks(directory: Path, header: dict[str, Any]) -> set[int]:
-    """Shard tasks finished by any rank of this cache run (listed, present, of the listed size)."""
-    done: set[int] = set()
+def finished_shards(directory: Path, header: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Shard records by task, finished by any rank of this cache run: listed in a progress file
+    and present with the listed sizes (a record whose files are gone is not a finished task)."""
+    shards: dict[int, dict[str, Any]] = {}
     for p in sorted(Path(directory).glob("progress-rank*.json")):
         state = _read_json(p)
         if state.get("fingerprint") != header["fingerprint"]:
             raise CacheError(f"{p}: belongs to a different cache run; delete it")
         for rec in state.get("shards", []):
             if _present(Path(directory), rec):
-                done.add(rec["task"])
-    return done
+                shards[rec["task"]] = rec
+    return shards
 
 
 def _present(directory: Path, record: dict[str, Any]) -> bool:
@@ -351,14 +352,7 @@ def finalize(directory: Path, header: dict[str, Any], num_tasks: int, extra: dic
     Returns the manifest, or None if some task is still missing (another rank is still running).
     """
     directory = Path(directory)
-    shards: dict[int, dict[str, Any]] = {}
-    for p in sorted(directory.glob("progress-rank*.json")):
-        state = _read_json(p)
-        if state.get("fingerprint") != header["fingerprint"]:
-            raise CacheError(f"{p}: belongs to a different cache run; delete it")
-        for rec in state.get("shards", []):
-            if _present(directory, rec):  # a record whose files are gone is not a finished task
-                shards[rec["task"]] = rec
+    shards = finished_shards(directory, header)
     if sorted(shards) != list(range(num_tasks)):
         return None
     records = [shards[t] for t in range(num_tasks)]

@@ -12,7 +12,12 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["Head", "TargetLogits"]
+__all__ = ["Head", "TargetLogits", "context_length"]
+
+
+def context_length(model) -> int | None:
+    """The longest sequence the model's positions allow, or None where its config does not say."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
 
 class Head:

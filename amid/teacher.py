@@ -26,11 +26,11 @@ from tqdm.auto import tqdm
 from amid import __version__
 from amid.bins import eager_logit_stats
 from amid.cache import (
-    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_tasks, is_cache_entry,
-    make_header, progress_name, temporary_files,
+    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_shards, is_cache_entry,
+    make_header, mismatch_message, progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
-from amid.heads import TargetLogits
+from amid.heads import TargetLogits, context_length
 from amid.loader import pad_right, target_rows
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
@@ -181,7 +181,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     longest = max(len(e.input_ids) for e in examples)
     if context and longest > context:
         raise DataError(
@@ -220,8 +220,6 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
     old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
-        from amid.cache import mismatch_message
-
         raise CacheError(mismatch_message(out, old, header))
     if old is not None and (out / MANIFEST).exists():
         log(f"{out}: cache already complete; nothing to do")
@@ -240,7 +238,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     state.save()  # from now on the directory is recognisably this cache, even before its first shard
     k = header["k"]
     tasks = shard_tasks(examples, cfg.examples_per_shard, cfg.positions_per_shard)
-    finished = finished_tasks(out, header)  # by any rank: a resume may use another world size
+    finished = finished_shards(out, header)  # by any rank: a resume may use another world size
     mine = [t for t in range(len(tasks)) if t % world == rank and t not in finished]
     todo_positions = sum(len(e.positions) for t in mine for e in tasks[t])
     total_positions = sum(len(e.positions) for e in examples)
@@ -316,8 +314,7 @@ def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: fl
     # Every target row of the batch at once: one top-k per chunk, one device-to-host copy per batch.
     step = max(1, (1 << 26) // logits.route.head.weight.shape[0])  # ≤ 256 MiB of float32 logits a chunk
     parts = [teacher_topk(z, k, temperature) for z in logits.chunks(_batch_rows(batch, pad, device), step)]
-    ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))
-    tail = tail.astype(np.float32)
+    ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))  # int64, float32, float32
     bad = np.flatnonzero(np.isnan(lps).any(axis=1) | np.isnan(tail))
     if len(bad):  # a broken teacher must not leave a cache of NaN behind, nor a silent tail of 0
         example = batch[int(np.searchsorted(np.cumsum([len(e.positions) for e in batch]), bad[0], side="right"))]

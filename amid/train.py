@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
 from amid.data import DataError, cut_batches, lm_blocks
-from amid.heads import Head, TargetLogits
+from amid.heads import Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.teacher import resolve_device, resolve_dtype, tokenizer_identity
@@ -291,7 +291,7 @@ def _load_online_teacher(cfg: TrainConfig, cache: Cache, device) -> OnlineTeache
 
 def _lm_stream(cfg: TrainConfig, model, tokenizer, log) -> LMStream:
     """The plain-text stream for the language-modelling loss, tokenized with the student's tokenizer."""
-    context = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    context = context_length(model)
     if context and cfg.lm_length > context:
         raise TrainError(f"--lm-length {cfg.lm_length} is longer than the student's context of {context}")
     try:
