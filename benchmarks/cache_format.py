@@ -29,6 +29,7 @@ Importable: `measure_cache_format(vocab) -> dict` and `measure_decode_rate(cache
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
@@ -407,17 +408,28 @@ def precision_table(t: dict[str, Any], n: int = 512, chunk: int = 128, bits_list
 # Decode rate
 
 
+@contextlib.contextmanager
+def one_core():
+    """Torch, Arrow compute and Arrow I/O limited to one thread each."""
+    old = torch.get_num_threads(), pa.cpu_count(), pa.io_thread_count()
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old[0])
+        pa.set_cpu_count(old[1])
+        pa.set_io_thread_count(old[2])
+
+
 def measure_decode_rate(cache_dir: str | Path, verify: bool = True, repeat: int = 5) -> float:
     """Positions/s of `open_cache(cache_dir)` iteration (every example's tensors) on one core.
 
     Torch and Arrow are limited to one thread; the files are read once first so the page cache
     is warm (the rate is the decoder's, not the disk's). Best of `repeat`.
     """
-    old_torch, old_cpu, old_io = torch.get_num_threads(), pa.cpu_count(), pa.io_thread_count()
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-    try:
+    with one_core():
         cache = open_cache(cache_dir, verify=verify)
         total = cache.num_positions
         for i in range(len(cache.shards)):
@@ -432,10 +444,6 @@ def measure_decode_rate(cache_dir: str | Path, verify: bool = True, repeat: int 
             best = min(best, time.perf_counter() - t0)
             assert n == total
         return total / best
-    finally:
-        torch.set_num_threads(old_torch)
-        pa.set_cpu_count(old_cpu)
-        pa.set_io_thread_count(old_io)
 
 
 def _decode_cache(t: dict[str, Any], directory: Path, min_positions: int = 100_000) -> Path:

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from benchmarks.cache_format import add_examples, measure_decode_rate
+from benchmarks.cache_format import add_examples, measure_decode_rate, one_core
 from amid.cache import Progress, ShardWriter, finalize, make_header, open_cache
 from amid.loader import Loader, Plan, scan, split
 from amid.losses import LossConfig
@@ -71,21 +71,6 @@ SWEEP_N = 10
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
-
-
-@contextlib.contextmanager
-def one_core():
-    """Torch, Arrow compute and Arrow I/O limited to one thread each."""
-    old = torch.get_num_threads(), pa.cpu_count(), pa.io_thread_count()
-    torch.set_num_threads(1)
-    pa.set_cpu_count(1)
-    pa.set_io_thread_count(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old[0])
-        pa.set_cpu_count(old[1])
-        pa.set_io_thread_count(old[2])
 
 
 def _rate(x: float | None) -> str:
@@ -181,11 +166,6 @@ def write_cache(directory: Path, t: dict[str, Any], k: int, copies: int) -> dict
         progress.add(rec)
     assert finalize(directory, header, copies, {}) is not None
     return {"add_s": add_s, "close_s": close_s, "bytes": nbytes, "positions": positions}
-
-
-def decode_rate(directory: Path, verify: bool = True, repeat: int = 5) -> float:
-    """Positions/s of `open_cache` iteration on one core (see `cache_format.measure_decode_rate`)."""
-    return measure_decode_rate(directory, verify=verify, repeat=repeat)
 
 
 def loader_run(directory: Path, batch_size: int, num_workers: int = 1, keep: int = 0, epochs: int = 1) -> dict[str, Any]:
@@ -290,8 +270,8 @@ def bench_cache(meter, args, Row) -> list:
             d = tmp / f"v{v}"
             with one_core(), meter.unpinned():
                 w = write_cache(d, t, TOP_K, copies)
-                read = decode_rate(d, verify=True)
-                read_nv = decode_rate(d, verify=False)
+                read = measure_decode_rate(d, verify=True)
+                read_nv = measure_decode_rate(d, verify=False)
                 lw = loader_run(d, DEMO["batch"], num_workers=1)
             positions = w["positions"]
             write_s = w["add_s"] + w["close_s"]
@@ -339,7 +319,7 @@ def demo_check(meter, directory: Path, Row) -> dict[str, Any]:
     copies = 2
     w = write_cache(directory, t, DEMO["k"], copies)
     with one_core():
-        read = decode_rate(directory)
+        read = measure_decode_rate(directory)
         lw1 = loader_run(directory, DEMO["batch"], num_workers=1, keep=14, epochs=DEMO["epochs"])
     lw2 = loader_run(directory, DEMO["batch"], num_workers=2, epochs=DEMO["epochs"])
     # The demo student, the trainer's step, every core, on the loader's own batches.
