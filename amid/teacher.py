@@ -250,7 +250,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     for task in mine:
         writer = ShardWriter(out, task, vocab_size, k)
         for batch in iter_batches(tasks[task], cfg.max_tokens, cfg.batch_size):
-            for ex, (ids, lps, tail) in zip(batch, _forward(logits, batch, k, cfg.temperature, device, pad)):
+            for ex, (ids, lps, tail) in zip(batch, _forward(logits, batch, k, cfg.temperature, device, pad, cfg.data)):
                 writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
             bar.update(sum(len(e.positions) for e in batch))
         state.add(writer.close())
@@ -309,7 +309,8 @@ def _batch_rows(batch: list[Example], pad: int, device: torch.device) -> dict[st
 
 
 @torch.no_grad()
-def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int):
+def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int,
+             source: str):
     """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
     # Every target row of the batch at once: one top-k per chunk, one device-to-host copy per batch.
     step = max(1, (1 << 26) // logits.route.head.weight.shape[0])  # ≤ 256 MiB of float32 logits a chunk
@@ -319,9 +320,9 @@ def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: fl
     if len(bad):  # a broken teacher must not leave a cache of NaN behind, nor a silent tail of 0
         example = batch[int(np.searchsorted(np.cumsum([len(e.positions) for e in batch]), bad[0], side="right"))]
         raise CacheError(
-            f"the teacher's logits are NaN at {len(bad)} target position(s) of this batch, first in example "
-            f"{example.example_id}; check the teacher's weights, or its --dtype (fp16 overflows in many models: "
-            f"use bf16 or fp32)"
+            f"{source}: the teacher's logits are NaN at {len(bad)} target position(s) of a batch, first in example "
+            f"{example.example_id} (its record number); check the teacher's weights, or its --dtype (fp16 overflows "
+            f"in many models: use bf16 or fp32)"
         )
     start = 0
     for e in batch:

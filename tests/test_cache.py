@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -268,8 +269,9 @@ def test_teacher_with_nan_logits_is_refused_and_writes_no_shard(data_files, tmp_
         model.transformer.ln_f.weight[0] = math.nan  # every hidden state, hence every logit, NaN
     model.save_pretrained(teacher)
     out = tmp_path / "cache"
-    with pytest.raises(CacheError, match=r"NaN at \d+ target position.*first in example .*--dtype"):
-        run_cache(teacher=str(teacher), data=str(data_files["instruction"]), out=str(out), limit=4)
+    data = str(data_files["instruction"])
+    with pytest.raises(CacheError, match=rf"^{re.escape(data)}: .*NaN at \d+ target position.*first in example .*--dtype"):
+        run_cache(teacher=str(teacher), data=data, out=str(out), limit=4)
     assert not list(out.rglob("*.parquet"))
 
 
