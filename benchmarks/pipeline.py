@@ -454,7 +454,7 @@ def bench_step(meter, args, Row) -> list:
 
     def cache_batch():  # what cache_teacher does per forward batch, minus the final shard write
         got.clear()
-        for ex, (ids, lps, tail) in zip(examples, forward(teacher_logits, examples, TOP_K, 1.0, dev, 0)):
+        for ex, (ids, lps, tail) in zip(examples, forward(teacher_logits, examples, TOP_K, 1.0, dev, 0, "row 5 batch")):
             writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
             got.append((ids, lps, tail))
 
