@@ -287,10 +287,14 @@ def train_cmd(quiet: bool, **options) -> None:
     Writes RUN_DIR/config.json, metrics.jsonl (loss, lr, tokens/s; eval_kl, eval_ppl), checkpoint/
     (resumable with --resume) and final/ (loadable by transformers' from_pretrained).
 
+    Several GPUs: launch it with torchrun, one process per GPU. Each step then takes
+    --grad-accum batches on every GPU (the steps of one process with --grad-accum x GPUs).
+
     \b
     Examples:
       amid train --cache cache/ --student gpt2 --out runs/a05 --alpha 0.5 --lam 0.1
       amid train --cache cache/ --student gpt2 --out runs/taid --preset taid --max-steps 2000
+      torchrun --nproc-per-node 8 -m amid.cli train --cache cache/ --student gpt2 --out runs/a05
     """
     from amid.train import TrainConfig, TrainError, train
 

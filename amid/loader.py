@@ -12,7 +12,9 @@ top-k data is read:
   length inside pools of ~64 batches (little padding), cut into batches (a number of sequences,
   or a budget of padded tokens) and the batches shuffled again.
 - `Loader` reads a window's shards (checksums verified, in `num_workers` threads, the next
-  window while the current one is served) and collates batches in a background thread.
+  window while the current one is served) and collates batches in a background thread. Under
+  data parallelism (`world` ranks) every rank walks the same stream and collates only its own
+  batches: the i-th batch from the start belongs to rank i mod world.
 
 A position in the stream is `Position(epoch, window, batch)`: the next batch to serve. Every
 batch carries the position after it, which is what a checkpoint stores; a resumed loader starts
@@ -244,7 +246,10 @@ class Loader:
     """Serves the plan's batches from `start` on, collated, from a background thread.
 
     Iterating yields (batch dict, position after the batch); it runs through `epochs` epochs
-    (None: forever). Reading errors (a damaged shard) are raised in the consumer.
+    (None: forever). Reading errors (a damaged shard) are raised in the consumer. With
+    `world` > 1 it yields every batch of the stream, but the dict only for this `rank`'s (the
+    i-th from `start` is rank i mod world's) and None for the others', so that every rank knows
+    where the stream is and how many batches a step has.
     """
 
     def __init__(
@@ -257,6 +262,8 @@ class Loader:
         num_workers: int = 2,
         prefetch: int = 8,
         pin_memory: bool = False,
+        rank: int = 0,
+        world: int = 1,
     ):
         self.cache = cache
         self.plan = plan
@@ -264,8 +271,9 @@ class Loader:
         self.start = start
         self.epochs = epochs
         self.pin_memory = pin_memory
+        self.rank, self.world = rank, world
         self._pool = ThreadPoolExecutor(max(1, num_workers), thread_name_prefix="amid-read")
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch) * world)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="amid-loader", daemon=True)
         self._thread.start()
@@ -288,6 +296,7 @@ class Loader:
             upcoming = next(windows, None)
             reading = self._read_window(upcoming[2][0]) if upcoming else None
             first = True
+            served = 0
             while upcoming is not None and not self._stop.is_set():
                 epoch, w, (_, batches) = upcoming
                 examples = {s: f.result() for s, f in reading.items()}
@@ -296,9 +305,12 @@ class Loader:
                 skip = self.start.batch if first else 0
                 first = False
                 for b in range(skip, len(batches)):
-                    batch = collate([examples[s][r] for s, r in batches[b]], self.pad_id)
-                    if self.pin_memory:
-                        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                    batch = None
+                    if served % self.world == self.rank:
+                        batch = collate([examples[s][r] for s, r in batches[b]], self.pad_id)
+                        if self.pin_memory:
+                            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                    served += 1
                     if not self._put((batch, self.plan.after(Position(epoch, w, b)))):
                         return
             self._put(_DONE)

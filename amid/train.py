@@ -21,6 +21,10 @@ the run directory:
 
 `resume=True` continues from checkpoint/; on CPU the resumed run's losses equal an
 uninterrupted run's step for step (same data order, optimizer state and RNG state).
+
+Under torchrun (WORLD_SIZE > 1) the run is data-parallel (`amid.distributed`): W processes with
+`grad_accum` A take the steps one process with A × W would take, each rank training on its share
+of every step's batches; rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from tqdm.auto import tqdm
 from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
 from amid.data import DataError, cut_batches, lm_blocks
+from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
@@ -349,11 +354,13 @@ def batch_loss(
 
 @torch.no_grad()
 def evaluate(
-    head: Head, batches: list[dict[str, Any]], loss_cfg: LossConfig, device, autocast, teacher: OnlineTeacher | None = None
+    head: Head, batches: list[dict[str, Any]], loss_cfg: LossConfig, device, autocast, teacher: OnlineTeacher | None = None,
+    ranks: Ranks = Ranks(),
 ) -> dict[str, float]:
     """Held-out eval_loss (the training objective), eval_kl (KL(p̄ ‖ q̄), k + 1 bins), eval_ce and
     eval_ppl (ground-truth next tokens), each a mean over target positions. With an online
-    teacher also eval_kl_full, the full-vocabulary KL(p ‖ q)."""
+    teacher also eval_kl_full, the full-vocabulary KL(p ‖ q). Under data parallelism each rank
+    passes its share of the batches and every rank gets the means over all of them."""
     model = head.model
     was_training = model.training
     model.eval()
@@ -377,7 +384,8 @@ def evaluate(
             sums["eval_kl_full"] += full_loss(logits, teacher_logits, KL).sum().item()
         n += len(batch["rows"])
     model.train(was_training)
-    out = {k: v / max(n, 1) for k, v in sums.items()}
+    *totals, n = ranks.sum_numbers([*sums.values(), n])
+    out = {k: v / max(n, 1) for k, v in zip(sums, totals)}
     out["eval_ppl"] = math.exp(min(out["eval_ce"], 700.0))
     return out
 
@@ -475,11 +483,14 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(cfg: TrainConfig, log) -> dict[str, Any] | None:
-    """Check the run directory; returns the trainer state to resume from, or None for a fresh run."""
+def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | None:
+    """Check the run directory; returns the trainer state to resume from, or None for a fresh run.
+    Writes nothing but the recovery of an interrupted checkpoint rename (rank 0)."""
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    _recover_checkpoint(ckpt)
+    if ranks.main:
+        _recover_checkpoint(ckpt)
+    ranks.barrier()
     has_ckpt = (ckpt / STATE_FILE).exists()
     if not cfg.resume:
         if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoint", "final")):
@@ -489,6 +500,13 @@ def _prepare_run_dir(cfg: TrainConfig, log) -> dict[str, Any] | None:
         log(f"{out}: no checkpoint to resume from; starting from step 0")
         return None
     state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    saved_world = state.get("world_size", 1)
+    if saved_world != ranks.world:
+        raise TrainError(
+            f"{out}: the run was trained by {saved_world} process(es), this is {ranks.world}; a step takes "
+            f"--grad-accum x processes batches, so resume with {saved_world} (torchrun --nproc-per-node "
+            f"{saved_world}, or no launcher for 1) or choose another --out"
+        )
     saved = state["config"]
     legacy = {k: v for k, v in ADDED_SETTINGS.items() if saved.get(k, v) == v}
     changed = sorted(
@@ -529,11 +547,36 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
     Raises TrainError for an incompatible student or run directory (before any step),
     TrainingDiverged for a NaN/inf loss or gradient (the last checkpoint is kept), CacheError for
-    a missing or damaged cache.
+    a missing or damaged cache. Under torchrun every rank calls this; only rank 0 logs.
     """
+    device = _train_device(cfg)
+    ranks = start_ranks(device)
+    try:
+        return _train(cfg, device, ranks, log if ranks.main else _silent)
+    finally:
+        ranks.close()
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def _train_device(cfg: TrainConfig) -> torch.device:
+    """The device of this process: under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    device = resolve_device(cfg.device)
+    _, local_rank, world = world_from_env()
+    if world > 1 and device.type == "cuda":
+        if cfg.device not in ("auto", "cuda"):
+            raise TrainError(f"--device {cfg.device} names one GPU, but under torchrun each of the {world} "
+                             f"processes takes its own (cuda:LOCAL_RANK); pass --device cuda or auto")
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[str], None]) -> dict[str, Any]:
     start_time = time.time()
     out = Path(cfg.out)
-    resume_state = _prepare_run_dir(cfg, log)
+    resume_state = _prepare_run_dir(cfg, log, ranks)
     if resume_state is not None and resume_state["legacy"]:
         cfg = dataclasses.replace(cfg, **resume_state["legacy"])
         log(f"{out}: this run predates {', '.join(resume_state['legacy'])}; resuming it as it ran "
@@ -546,9 +589,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     model, tokenizer = _load_student(model_path, cfg.trust_remote_code)
     check_compatible(cfg.student, model, tokenizer, cache)
     log(f"amid train: config {json.dumps(cfg.to_dict())}")
-    device = resolve_device(cfg.device)
     amp_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
+    ranks.broadcast_params(model.parameters())
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = Head(model)
@@ -581,17 +624,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     if plan.examples == 0:
         raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")
     eval_batches = _eval_batches(eval_cache, eval_rows, eval_metas, cfg, pad_id)
+    # A step is grad_accum batches on each rank: grad_accum × world of the one stream.
+    per_step = cfg.grad_accum * ranks.world
     if cfg.max_steps is not None:
         total_steps, loader_epochs = cfg.max_steps, None
     else:
         # Each epoch's plan is its own (with --max-tokens the number of batches varies a little).
         batches = sum(sum(len(b) for _, b in plan.epoch(e)) for e in range(cfg.epochs))
-        total_steps, loader_epochs = math.ceil(batches / cfg.grad_accum), cfg.epochs
+        total_steps, loader_epochs = math.ceil(batches / per_step), cfg.epochs
 
     if resume_state is not None and resume_state["step"] >= total_steps:
         log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
-        if not (out / "final" / "config.json").exists():  # killed between the last checkpoint and final/
+        # killed between the last checkpoint and final/
+        if ranks.main and not (out / "final" / "config.json").exists():
             save_model_dir(out / "final", model, tokenizer)
+        ranks.barrier()
         summary_path = out / "summary.json"
         return json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out)}
 
@@ -608,75 +655,88 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
     step, tokens, position = 0, 0, Position()
     metrics_path = out / "metrics.jsonl"
+    ranks.barrier()  # every rank has checked the run directory before rank 0 writes into it
     if resume_state is not None:
         step, tokens = resume_state["step"], resume_state["tokens"]
         position = Position(**resume_state["position"])
         optimizer.load_state_dict(resume_state["optimizer"])
         if resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
-        _truncate_metrics(metrics_path, step)
-        _set_rng_state(resume_state["rng"])
+        if ranks.main:
+            _truncate_metrics(metrics_path, step)
+        _set_rng_state(resume_state["rng_ranks"][ranks.rank] if ranks.world > 1 else resume_state["rng"])
         log(f"resuming {out} at step {step} (epoch {position.epoch}, window {position.window}, batch {position.batch})")
     else:
-        metrics_path.unlink(missing_ok=True)
-        _seed_everything(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory behind
-    write_json_atomic(out / "config.json", cfg.to_dict())
+        if ranks.main:
+            metrics_path.unlink(missing_ok=True)
+        _seed_everything(cfg.seed + ranks.rank)  # rank 0 seeds as one process does; dropout differs per rank
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory behind
+        write_json_atomic(out / "config.json", cfg.to_dict())
 
     n_params = sum(p.numel() for p in params)
     log(
-        f"student {cfg.student}: {n_params / 1e6:.2f}M parameters, {device} {str(amp_dtype).replace('torch.', '')}, "
+        f"student {cfg.student}: {n_params / 1e6:.2f}M parameters, {device} {str(amp_dtype).replace('torch.', '')}"
+        f"{f' on each of {ranks.world} processes' if ranks.world > 1 else ''}, "
         f"loss {'online teacher, full vocabulary' if teacher else 'fused' if fused else 'materialised logits'}"
         f"{'' if head.plain else ' (model logits)'}; "
-        f"{plan.examples} training examples ({plan.batches_per_epoch} batches/epoch), "
+        f"{plan.examples} training examples ({plan.batches_per_epoch} batches/epoch, {per_step} a step), "
         f"{sum(len(b['rows']) for b in eval_batches)} held-out positions in {len(eval_batches)} batches; "
         f"{total_steps} steps"
     )
 
-    metrics_file = open(metrics_path, "a", encoding="utf-8")
+    metrics_file = open(metrics_path, "a", encoding="utf-8") if ranks.main else None
 
     def write_metrics(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
     def run_eval() -> dict[str, float] | None:
         if not eval_batches:
             return None
-        result = evaluate(head, eval_batches, cfg.loss.at_progress(step / total_steps), device, autocast, teacher)
+        result = evaluate(head, eval_batches[ranks.rank::ranks.world], cfg.loss.at_progress(step / total_steps),
+                          device, autocast, teacher, ranks)
         write_metrics({"step": step, **{k: round(v, 6) for k, v in result.items()}})
         return result
 
-    def state() -> dict[str, Any]:
-        return {
+    def save_checkpoint() -> None:
+        rngs = ranks.gather(_rng_state())  # every rank takes part; rank 0 writes
+        if not ranks.main:
+            return
+        save_model_dir(ckpt_dir, model, tokenizer, {
             "step": step, "tokens": tokens, "position": position.to_dict(), "total_steps": total_steps,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": _rng_state(), "config": cfg.to_dict(), "amid_version": __version__,
-        }
+            "rng": rngs[0], "config": cfg.to_dict(), "amid_version": __version__, "world_size": ranks.world,
+            **({"rng_ranks": rngs} if ranks.world > 1 else {}),
+        })
 
     last_saved = resume_state["step"] if resume_state is not None else None
     first_eval = run_eval() if resume_state is None else None
     last_eval, last_eval_step = first_eval, (0 if first_eval else None)
     loader = Loader(cache, plan, pad_id, start=position, epochs=loader_epochs, num_workers=cfg.num_workers,
-                    pin_memory=device.type == "cuda")
+                    pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world)
     stream = iter(loader)
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress or not ranks.main,
                dynamic_ncols=True)
     model.train()
     loss_value = float("nan")
     interval_tokens, interval_start, smooth = 0, time.time(), None
     try:
         while step < total_steps:
-            micro = [item for _, item in zip(range(cfg.grad_accum), stream)]
-            if not micro:
+            group = [item for _, item in zip(range(per_step), stream)]  # (batch or None: another rank's, position)
+            if not group:
                 break
+            mine = [(j, b) for j, (b, _) in enumerate(group) if b is not None]
             lr = learning_rate(cfg, step, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_cfg = cfg.loss.at_progress(step / total_steps)
-            n_targets = sum(len(b["rows"]) for b, _ in micro)
+            n_targets, step_tokens = ranks.sum_numbers(
+                [sum(len(b["rows"]) for _, b in mine), sum(b["tokens"] for _, b in mine)], torch.int64)
             loss_sum = torch.zeros((), device=device)
             lm_sum = torch.zeros((), device=device)
-            for m, (cpu_batch, pos_after) in enumerate(micro):
+            for j, cpu_batch in mine:
                 batch = _to_device(cpu_batch, device)
                 with autocast():
                     per_position = batch_loss(head, batch, loss_cfg, fused, amp_dtype, teacher)
@@ -684,19 +744,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                 scaler.scale(part).backward()
                 loss_sum += part.detach()
                 if lm_stream is not None:  # one plain-text batch beside each cache batch, its own backward
-                    lm_batch = _to_device(lm_stream.batch(step * cfg.grad_accum + m), device)
+                    lm_batch = _to_device(lm_stream.batch(step * per_step + j), device)
                     # weight 0: the LM loss is only watched (metrics), not trained
                     with autocast(), torch.set_grad_enabled(cfg.lm_weight > 0):
                         lm = batch_loss(head, lm_batch, CE, fused, amp_dtype).sum() / (
-                            len(micro) * lm_stream.targets_per_batch)
+                            len(group) * lm_stream.targets_per_batch)
                     if cfg.lm_weight > 0:
                         scaler.scale(cfg.lm_weight * lm).backward()
                         loss_sum += cfg.lm_weight * lm.detach()
                     lm_sum += lm.detach()
-                tokens += cpu_batch["tokens"]
-                interval_tokens += cpu_batch["tokens"]
-                position = pos_after
-            loss_value = loss_sum.item()
+            position = group[-1][1]
+            tokens += step_tokens
+            interval_tokens += step_tokens
+            ranks.sum_grads(params)
+            if ranks.world > 1:
+                loss_value, lm_value = ranks.sum(torch.stack([loss_sum, lm_sum])).tolist()
+            else:
+                loss_value, lm_value = loss_sum.item(), None
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged_message("loss", loss_value, step + 1, last_saved, ckpt_dir))
             scaler.unscale_(optimizer)
@@ -715,7 +779,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
                           "loss": loss_value, "lr": lr, "grad_norm": round(grad_norm, 6),
                           "tokens": tokens, "tokens_per_s": round(interval_tokens / elapsed, 1)}
                 if lm_stream is not None:
-                    record["lm_loss"] = lm_sum.item()
+                    record["lm_loss"] = lm_sum.item() if lm_value is None else lm_value
                 if cfg.loss.lam_end is not None:
                     record["lam"] = loss_cfg.lam
                 write_metrics(record)
@@ -725,24 +789,28 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
             if step % cfg.eval_every == 0 and step < total_steps:
                 last_eval, last_eval_step = run_eval(), step
             if step % cfg.save_every == 0 and step < total_steps:
-                save_model_dir(ckpt_dir, model, tokenizer, state())
+                save_checkpoint()
                 last_saved = step
         if last_eval_step != step:
             last_eval = run_eval()
     finally:
         bar.close()
         loader.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
 
     if last_saved != step:
-        save_model_dir(ckpt_dir, model, tokenizer, state())
-    save_model_dir(out / "final", model, tokenizer)
+        save_checkpoint()
     summary = {
         "run_dir": str(out), "final": str(out / "final"), "steps": step, "total_steps": total_steps,
         "train_tokens": tokens, "train_loss": loss_value, **(last_eval or {}),
         "initial_eval": first_eval, "eval": last_eval, "wall_s": round(time.time() - start_time, 3),
+        "world_size": ranks.world,
     }
-    write_json_atomic(out / "summary.json", summary)
+    if ranks.main:
+        save_model_dir(out / "final", model, tokenizer)
+        write_json_atomic(out / "summary.json", summary)
+    ranks.barrier()  # no rank returns before final/ and summary.json exist
     if last_eval:
         log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}, eval_ppl {last_eval['eval_ppl']:.3f}; "
             f"model in {out / 'final'}")

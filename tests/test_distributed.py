@@ -1,0 +1,173 @@
+"""Data-parallel `amid train` under torchrun (amid.distributed), on the CPU with Gloo.
+
+W ranks with --grad-accum A must take the steps of one process with A × W: same losses, same
+evaluation, same final weights. A run killed between checkpoints resumes on the same number of
+ranks with the same losses (each rank's RNG restored), and a resume on another number is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amid.cache import open_cache
+from amid.distributed import Ranks
+from amid.loader import Loader, Plan, Position, scan, split
+from amid.train import TrainConfig, TrainError, train
+from test_train import _losses, config, make_gpt2, make_tokenizer, metrics, quiet, world  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(world: dict, out: Path, *args: str, nproc: int = 2) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "amid.cli", "train", "--cache", world["cache"], "--out", str(out), "--lr", "5e-3",
+               "--eval-fraction", "0.2", "--log-every", "1", "--device", "cpu", "--dtype", "fp32",
+               "--quiet", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_ranks_take_the_steps_of_one_process_with_twice_the_accumulation(world, tmp_path):
+    # One epoch of an odd number of batches: the last step has one batch, so rank 1 has none
+    # there and must still take part. The plain-text stream and the CE mix ride along.
+    kw = dict(batch_size=5, max_steps=None, epochs=1, eval_every=3, preset="amid", alpha=0.5, ce_weight=0.2,
+              lm_data=str(world["root"] / "data.jsonl"), lm_length=24, lm_batch_size=2, warmup_steps=1,
+              shuffle_buffer=48)
+    metas = scan(open_cache(world["cache"]))
+    plan = Plan(metas, split(metas, 0.2, 1000)[0], 0, 5, None, 48, 1 << 21)
+    assert plan.batches_per_epoch % 2 == 1  # the case this test is about
+
+    torch.set_num_threads(1)  # as the ranks run (torchrun: OMP_NUM_THREADS=1)
+    try:
+        one = train(config(world, tmp_path / "one", grad_accum=2, **kw), log=quiet)
+    finally:
+        torch.set_num_threads(2)
+    _torchrun(world, tmp_path / "two", "--student", world["student"], "--batch-size", "5", "--epochs", "1",
+              "--eval-every", "3", "--shuffle-buffer", "48", "--preset", "amid", "--alpha", "0.5", "--ce-weight", "0.2", "--warmup", "1",
+              "--lm-data", str(world["root"] / "data.jsonl"), "--lm-length", "24", "--lm-batch-size", "2")
+
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert one["total_steps"] == (plan.batches_per_epoch + 1) // 2
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x.keys() - {"tokens_per_s"}:
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_tokens"] == one["train_tokens"]
+    wa, wb = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+    json.loads((tmp_path / "two" / "config.json").read_text())  # written once, whole, by rank 0
+
+
+@pytest.mark.slow
+def test_two_rank_run_resumes_on_two_ranks_and_refuses_one(world, tmp_path):
+    # A GPT-2 student with dropout (each rank's RNG state matters) and a padded vocabulary; the
+    # first run stops at step 3 (its checkpoint), the second continues it to step 6. A constant
+    # schedule makes the learning rate independent of max_steps, so the two must equal one run.
+    student = tmp_path / "gpt2"
+    make_tokenizer(student)
+    make_gpt2(student, world["vocab"] + 5, seed=3, dropout=0.1)
+    common = ("--student", str(student), "--batch-size", "4", "--grad-accum", "2", "--schedule", "constant",
+              "--warmup", "0", "--save-every", "3", "--eval-every", "1000", "--shuffle-buffer", "32", "--preset", "amid", "--alpha", "0")
+    _torchrun(world, tmp_path / "whole", *common, "--max-steps", "6")
+    _torchrun(world, tmp_path / "split", *common, "--max-steps", "3")
+    assert sorted(_losses(tmp_path / "split")) == [1, 2, 3]
+
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
+    with pytest.raises(TrainError, match="trained by 2 process"):
+        train(TrainConfig(**{**saved.to_dict(), "resume": True, "max_steps": 6}), log=quiet)
+
+    _torchrun(world, tmp_path / "split", *common, "--max-steps", "6", "--resume")
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+
+
+def test_ranks_serve_the_one_stream_between_them(world):
+    # Every rank walks the whole stream (same positions), collates only batch i mod W = rank,
+    # and together they serve exactly the single-process stream, from the start or mid-stream.
+    cache = open_cache(world["cache"])
+    metas = scan(cache)
+    plan = Plan(metas, split(metas, 0.2, 1000)[0], seed=4, batch_size=6, max_tokens=None, shuffle_buffer=20)
+    with Loader(cache, plan, pad_id=1, epochs=2) as loader:
+        single = list(loader)
+    for start in (0, 5):
+        streams = []
+        for rank in range(3):
+            with Loader(cache, plan, pad_id=1, start=single[start - 1][1] if start else Position(), epochs=2,
+                        rank=rank, world=3) as loader:
+                streams.append(list(loader))
+        expected = single[start:]
+        for rank, stream in enumerate(streams):
+            assert [p for _, p in stream] == [p for _, p in expected]
+            for i, (batch, _) in enumerate(stream):
+                assert (batch is not None) == (i % 3 == rank)
+                if batch is not None:
+                    assert torch.equal(batch["input_ids"], expected[i][0]["input_ids"])
+                    assert torch.equal(batch["topk_ids"], expected[i][0]["topk_ids"])
+
+
+def _sum_grads_worker(rank: int, store: str) -> None:
+    import torch.distributed as dist
+
+    import amid.distributed as amid_dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        amid_dist._BUCKET_BYTES = 40  # several buckets, and a dtype change inside one
+        torch.manual_seed(0)
+        params = [torch.zeros(3, 4), torch.zeros(5), torch.zeros(2, dtype=torch.float64), torch.zeros(7)]
+        grads = [[torch.randn(p.shape, dtype=p.dtype) for p in params] for _ in range(2)]  # same on both ranks
+        params[0].grad = grads[rank][0].clone()  # both ranks
+        if rank == 0:
+            params[1].grad = grads[0][1].clone()  # rank 0 only: rank 1 adds zeros
+        params[2].grad = grads[rank][2].clone()
+        # params[3]: no rank has a gradient; it must stay None (the optimizer skips it)
+        Ranks(rank=rank, world=2).sum_grads(params)
+        torch.testing.assert_close(params[0].grad, grads[0][0] + grads[1][0], rtol=0, atol=0)
+        torch.testing.assert_close(params[1].grad, grads[0][1], rtol=0, atol=0)
+        torch.testing.assert_close(params[2].grad, grads[0][2] + grads[1][2], rtol=0, atol=0)
+        assert params[2].grad.dtype == torch.float64
+        assert params[3].grad is None
+        assert Ranks(rank=rank, world=2).sum_numbers([rank + 1, 10], torch.int64) == [3, 20]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gradients_are_summed_across_ranks_and_untouched_ones_stay_none(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sum_grads_worker, args=(str(tmp_path / "store"),), nprocs=2, join=True)
+
+
+def test_device_under_torchrun(monkeypatch):
+    import amid.train as amid_train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(amid_train, "resolve_device", lambda d: torch.device("cuda:0" if d == "auto" else d))
+    cfg = TrainConfig(cache="c", student="s", out="o")
+    assert amid_train._train_device(cfg) == torch.device("cuda", 1)  # "auto" and "cuda" take LOCAL_RANK's GPU
+    assert amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cuda")) == torch.device("cuda", 1)
+    assert amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cpu")) == torch.device("cpu")
+    with pytest.raises(TrainError, match="--device cuda:0 names one GPU"):
+        amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cuda:0"))
