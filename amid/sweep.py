@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from amid.cache import write_json_atomic
+from amid.distributed import world_from_env
 
 __all__ = ["SweepConfig", "expand_grid", "run_sweep"]
 
@@ -104,6 +105,9 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
     """Run every missing run of the grid, then write results.csv, results.md and plots.
 
     Returns the Markdown table."""
+    if world_from_env()[2] > 1:  # every rank would run the whole grid, each child joining the group
+        raise ValueError("amid sweep starts its own processes, one run per --devices entry; run it without "
+                         "torchrun (train one run on several GPUs with torchrun ... amid.cli train)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

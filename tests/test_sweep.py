@@ -63,3 +63,10 @@ def test_sweep_runs_skips_finished_and_records_failures(world, tmp_path):  # noq
     assert rows["kd"]["status"] == "ok"
     result = json.loads((out / "runs" / "amid_a0.5_l2_kl_pr" / "result.json").read_text())
     assert result["status"] == "failed"
+
+
+def test_sweep_under_torchrun_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="without torchrun"):
+        run_sweep(SweepConfig(cache="c", student="s", out=str(tmp_path / "sweep")), log=lambda m: None)
+    assert not (tmp_path / "sweep").exists()
