@@ -264,6 +264,9 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--fused/--no-fused", default=None, help="LM head fused with the loss. [on for CUDA, vocab >= 16k]")
 @click.option("--online-teacher", default=None,
               help="Reference path: run this teacher every step, full-vocabulary loss (compare with the cache).")
+@click.option("--eval-teacher", default=None,
+              help="Keep this teacher in memory for evaluation only: adds eval_kl_full, the exact "
+                   "full-vocabulary KL of the cache-trained student to it.")
 @click.option("--lm-data", default=None,
               help="Plain text for an added language-modelling loss (files or a datasets name), as the paper mixes in.")
 @click.option("--lm-weight", default=1.0, show_default=True, help="Weight of the language-modelling loss.")

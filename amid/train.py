@@ -68,7 +68,7 @@ CE = LossConfig.preset("ce")  # the plain language-modelling loss on lm_data
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "progress", "num_workers", "device", "dtype", "fused", "log_every", "eval_every",
-     "save_every", "max_steps", "epochs", "student"}
+     "save_every", "max_steps", "epochs", "student", "eval_teacher"}
 )
 # Settings added after runs could already be saved, with the value that reproduces a run saved
 # without them: resuming such a run keeps that value (its data plan must not move under it).
@@ -97,7 +97,9 @@ class TrainConfig:
     `online_teacher`: instead of the cache's top-k, run this teacher on every batch and use the
     full-vocabulary loss (`full_loss`): the reference the cache is compared against. The cache
     still supplies the data and the held-out split; evaluation adds eval_kl_full, the
-    full-vocabulary KL(p ‖ q) to that teacher.
+    full-vocabulary KL(p ‖ q) to that teacher. `eval_teacher`: train from the cache as usual but
+    keep this teacher in memory for evaluation only, which then adds eval_kl_full too: how far
+    the cache's top-k student is from the teacher over the whole vocabulary.
 
     The objective is `preset` with the loss fields that are not None as overrides (see
     `amid.losses.LossConfig`); `loss` is the resulting LossConfig.
@@ -141,6 +143,7 @@ class TrainConfig:
     device: str = "auto"
     fused: bool | None = None
     online_teacher: str | None = None
+    eval_teacher: str | None = None
     gradient_checkpointing: bool = False
     num_workers: int = 2
     shuffle_buffer: int = 4096
@@ -179,6 +182,8 @@ class TrainConfig:
             (self.lm_weight >= 0, f"--lm-weight must be at least 0, got {self.lm_weight}"),
             (self.lm_batch_size is None or self.lm_batch_size >= 1,
              f"--lm-batch-size must be at least 1, got {self.lm_batch_size}"),
+            (not (self.online_teacher and self.eval_teacher and self.online_teacher != self.eval_teacher),
+             "--eval-teacher and --online-teacher name different teachers; the online teacher is the one evaluated"),
             (self.lm_length >= 2, f"--lm-length must be at least 2, got {self.lm_length}"),
         ]
         for ok, message in checks:
@@ -279,17 +284,18 @@ class OnlineTeacher:
         return z
 
 
-def _load_online_teacher(cfg: TrainConfig, cache: Cache, device) -> OnlineTeacher:
-    """The online teacher in the dtype the cache's teacher ran in (float32 for caches that do not
-    say), so that the two paths differ only by what the cache keeps (top-k, rounding)."""
+def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device) -> OnlineTeacher:
+    """A teacher in memory (`online_teacher` or `eval_teacher`) in the dtype the cache's teacher
+    ran in (float32 for caches that do not say), so that the two paths differ only by what the
+    cache keeps (top-k, rounding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(cfg.online_teacher, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     if tokenizer_identity(tokenizer) != cache.manifest["tokenizer"]:
-        raise TrainError(f"online teacher {cfg.online_teacher} has a different tokenizer than the cache {cache.path}")
+        raise TrainError(f"teacher {name} has a different tokenizer than the cache {cache.path}")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cache.manifest.get("teacher_dtype"), torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.online_teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
     return OnlineTeacher(model, float(cache.manifest.get("temperature", 1.0)))
 
@@ -595,7 +601,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = Head(model)
-    teacher = _load_online_teacher(cfg, cache, device) if cfg.online_teacher else None
+    teacher = _load_teacher(cfg.online_teacher, cfg, cache, device) if cfg.online_teacher else None
+    eval_teacher = teacher or (_load_teacher(cfg.eval_teacher, cfg, cache, device) if cfg.eval_teacher else None)
     fused = None
     big_vocab = _vocab_size(model) >= FUSED_MIN_VOCAB
     if teacher is None and (cfg.fused or (cfg.fused is None and device.type == "cuda" and big_vocab)):
@@ -679,7 +686,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         f"student {cfg.student}: {n_params / 1e6:.2f}M parameters, {device} {str(amp_dtype).replace('torch.', '')}"
         f"{f' on each of {ranks.world} processes' if ranks.world > 1 else ''}, "
         f"loss {'online teacher, full vocabulary' if teacher else 'fused' if fused else 'materialised logits'}"
-        f"{'' if head.plain else ' (model logits)'}; "
+        f"{'' if head.plain else ' (model logits)'}"
+        f"{f', evaluated against {cfg.eval_teacher} over the full vocabulary' if cfg.eval_teacher else ''}; "
         f"{plan.examples} training examples ({plan.batches_per_epoch} batches/epoch, {per_step} a step), "
         f"{sum(len(b['rows']) for b in eval_batches)} held-out positions in {len(eval_batches)} batches; "
         f"{total_steps} steps"
@@ -696,7 +704,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         if not eval_batches:
             return None
         result = evaluate(head, eval_batches[ranks.rank::ranks.world], cfg.loss.at_progress(step / total_steps),
-                          device, autocast, teacher, ranks)
+                          device, autocast, eval_teacher, ranks)
         write_metrics({"step": step, **{k: round(v, 6) for k, v in result.items()}})
         return result
 

@@ -167,7 +167,7 @@ def test_online_full_vocabulary_path_matches_a_full_cache(world, tmp_path):
                               top_k=world["vocab"], max_length=64, examples_per_shard=16, device="cpu"),
                   progress=False, log=quiet)
     kw = dict(cache=str(full_cache), max_steps=6, alpha=0.0, ce_weight=0.1)
-    cached = train(config(world, tmp_path / "cached", **kw), log=quiet)
+    cached = train(config(world, tmp_path / "cached", eval_teacher=world["teacher"], **kw), log=quiet)
     online = train(config(world, tmp_path / "online", online_teacher=world["teacher"], **kw), log=quiet)
     a, b = _losses(tmp_path / "cached"), _losses(tmp_path / "online")
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -176,6 +176,25 @@ def test_online_full_vocabulary_path_matches_a_full_cache(world, tmp_path):
     assert online["eval_kl_full"] == pytest.approx(online["eval_kl"], abs=5e-4)
     assert online["eval_kl_full"] < online["initial_eval"]["eval_kl_full"]
     assert cached["eval_kl"] == pytest.approx(online["eval_kl"], abs=5e-4)
+    assert cached["eval_kl_full"] == pytest.approx(cached["eval_kl"], abs=5e-4)  # k = V: the bins are the vocabulary
+
+
+def test_eval_teacher_adds_the_full_vocabulary_kl_and_changes_no_step(world, tmp_path):
+    # k = 8 of ~40 tokens: KL over the k + 1 bins is a lower bound of the full KL (data
+    # processing; SPEC §4), strictly below it for a student that is not the teacher.
+    plain = train(config(world, tmp_path / "plain", max_steps=4, eval_every=2), log=quiet)
+    judged = train(config(world, tmp_path / "judged", max_steps=4, eval_every=2, eval_teacher=world["teacher"]),
+                   log=quiet)
+    assert _losses(tmp_path / "plain") == _losses(tmp_path / "judged")
+    assert "eval_kl_full" not in plain
+    evals = [m for m in metrics(tmp_path / "judged") if "eval_kl" in m]
+    assert [m["step"] for m in evals] == [0, 2, 4]
+    for m, ref in zip(evals, [m for m in metrics(tmp_path / "plain") if "eval_kl" in m]):
+        assert m["eval_kl"] == ref["eval_kl"]
+        assert m["eval_kl_full"] > m["eval_kl"] + 1e-4
+    assert judged["eval_kl_full"] < judged["initial_eval"]["eval_kl_full"]
+    with pytest.raises(ValueError, match="different teachers"):
+        config(world, tmp_path / "x", online_teacher=world["teacher"], eval_teacher=world["student"])
 
 
 # ----------------------------------------------------------------------------------------------
