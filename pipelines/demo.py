@@ -78,11 +78,12 @@ def llama(vocab: int, hidden: int, layers: int, heads: int, seed: int):
     return LlamaForCausalLM(cfg)
 
 
-def train_teacher(records: list[dict], tokenizer, out: Path, steps: int, seed: int, log=print):
+def train_teacher(records: list[dict], tokenizer, out: Path, steps: int, seed: int, log=print,
+                  hidden: int = 128, layers: int = 4, max_length: int = 256):
     """A plain LM loop on prompt+response text (the teacher's own supervised training)."""
-    model = llama(len(tokenizer), hidden=128, layers=4, heads=4, seed=seed)
+    model = llama(len(tokenizer), hidden=hidden, layers=layers, heads=4, seed=seed)
     seqs = [tokenizer(r["prompt"] + r["response"])["input_ids"] + [tokenizer.eos_token_id] for r in records]
-    seqs = [s[:256] for s in seqs]
+    seqs = [s[:max_length] for s in seqs]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
     rng = random.Random(seed)
