@@ -17,16 +17,29 @@ from amid import __version__
 
 
 def friendly_errors(fn):
-    """Turn the library's expected errors into one-line click errors."""
+    """Turn the library's expected errors into one-line click errors.
+
+    Under torchrun every rank meets the same refusal (bad data, a wrong cache, a diverged loss):
+    rank 0 says it and the others exit quietly. An OSError may be one rank's own (its disk), so
+    every rank reports that, naming itself."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from amid.cache import CacheError
         from amid.data import DataError
+        from amid.distributed import world_from_env
 
+        rank, _, world = world_from_env()
         try:
             return fn(*args, **kwargs)
-        except (DataError, CacheError, ValueError, FileNotFoundError, OSError) as exc:
+        except OSError as exc:  # FileNotFoundError too
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise click.ClickException(f"rank {rank}: {message}" if world > 1 else message) from None
+        except (DataError, CacheError, ValueError, click.ClickException) as exc:
+            if world > 1 and rank > 0:
+                sys.exit(1)
+            if isinstance(exc, click.ClickException):
+                raise
             raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
     return wrapper
@@ -248,7 +261,7 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--weight-decay", default=0.01, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per batch.")
 @click.option("--max-tokens", type=int, default=None, help="Batch by padded tokens instead of sequences.")
-@click.option("--grad-accum", default=1, show_default=True, help="Batches per optimizer step.")
+@click.option("--grad-accum", default=1, show_default=True, help="Batches per optimizer step (per process under torchrun).")
 @click.option("--clip", type=float, default=1.0, show_default=True, help="Gradient-norm clip (0: none).")
 @click.option("--epochs", default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs.")
@@ -260,7 +273,7 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU); weights stay fp32.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun cuda:LOCAL_RANK).")
 @click.option("--fused/--no-fused", default=None, help="LM head fused with the loss. [on for CUDA, vocab >= 16k]")
 @click.option("--online-teacher", default=None,
               help="Reference path: run this teacher every step, full-vocabulary loss (compare with the cache).")
@@ -291,7 +304,9 @@ def train_cmd(quiet: bool, **options) -> None:
     (resumable with --resume) and final/ (loadable by transformers' from_pretrained).
 
     Several GPUs: launch it with torchrun, one process per GPU. Each step then takes
-    --grad-accum batches on every GPU (the steps of one process with --grad-accum x GPUs).
+    --grad-accum batches on every GPU (the steps of one process with --grad-accum x GPUs,
+    exactly so for a student without dropout). On several nodes, --cache and --out must be on
+    a shared file system.
 
     \b
     Examples:

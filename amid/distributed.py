@@ -1,11 +1,15 @@
-"""Data-parallel ranks for `amid train` under torchrun (or any launcher that sets WORLD_SIZE).
+"""Data-parallel ranks for `amid train` under torchrun (or a launcher that sets torchrun's
+RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT).
 
 One process per device; every rank holds the whole student. A step takes grad_accum × W
 consecutive batches of the one seeded stream and rank r trains on batches r, r + W, ... of
 them, so W ranks with `grad_accum` A compute the step of one process with A × W: the losses
 are divided by the step's global number of target positions and the gradients are summed, not
 averaged, across ranks. After the sum every rank holds the same gradient, clips it the same way
-and takes the same optimizer step, so the weights stay equal without being sent again.
+and takes the same optimizer step, so the weights stay equal without being sent again. (Equal
+to one process exactly for a student without dropout: dropout masks are drawn per rank.)
+Every rank reads the cache and the run directory: on several nodes both must be on a shared
+file system.
 
 The gradients are summed once per step, after the last backward, in flat buckets (plain
 `torch.distributed` collectives, no DDP wrapper: the trainer calls the model's body and its LM
@@ -17,6 +21,7 @@ gradients per step, not overlapped with the backward.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -27,6 +32,9 @@ import torch.distributed as dist
 __all__ = ["Ranks", "start_ranks", "world_from_env"]
 
 _BUCKET_BYTES = 64 << 20  # gradients summed in flat buckets of at most this size
+# Rank 0 writes checkpoints alone while the others wait in their next collective: a large
+# student on a slow disk can take longer than NCCL's default 10 minutes.
+TIMEOUT = datetime.timedelta(hours=1)
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -42,6 +50,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")  # where the collectives' tensors live (NCCL: the GPU)
+    owns_group: bool = False  # start_ranks created the process group (and close() destroys it)
 
     @property
     def main(self) -> bool:
@@ -101,7 +110,7 @@ class Ranks:
             dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -120,7 +129,12 @@ def _buckets(grads: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
 
 
 def start_ranks(device: torch.device) -> Ranks:
-    """Join the launcher's process group (NCCL on CUDA, Gloo on the CPU); `Ranks()` alone."""
+    """Join the launcher's process group (NCCL on CUDA, Gloo on the CPU), or use the caller's if
+    one is initialised already; `Ranks()` alone."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() == 1:
+            return Ranks()
+        return Ranks(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
     rank, _, world = world_from_env()
     if world == 1:
         return Ranks()
@@ -128,6 +142,7 @@ def start_ranks(device: torch.device) -> Ranks:
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(rank=rank, world=world, device=device)
+        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    return Ranks(rank=rank, world=world, device=device, owns_group=True)

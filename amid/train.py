@@ -23,8 +23,9 @@ the run directory:
 uninterrupted run's step for step (same data order, optimizer state and RNG state).
 
 Under torchrun (WORLD_SIZE > 1) the run is data-parallel (`amid.distributed`): W processes with
-`grad_accum` A take the steps one process with A × W would take, each rank training on its share
-of every step's batches; rank 0 writes the run directory.
+`grad_accum` A take the steps one process with A × W would take (exactly, for a student without
+dropout), each rank training on its share of every step's batches; rank 0 writes the run
+directory.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class TrainConfig:
     """Everything `amid train` needs; saved as RUN_DIR/config.json.
 
     Batches hold `batch_size` sequences, or with `max_tokens` as many as fit in that many padded
-    tokens. A step is `grad_accum` batches. `max_steps`, if set, overrides `epochs`.
+    tokens. A step is `grad_accum` batches (on each of W processes under torchrun: A × W in all).
+    `max_steps`, if set, overrides `epochs`.
     `warmup_steps` None means 3 % of the steps. `eval_fraction` of the cache's examples (chosen
     by a hash of example_id: stable) is held out, at most `eval_max_examples` of them used;
     `eval_cache` instead evaluates on a separate cache and trains on all of `cache`.
@@ -583,6 +585,11 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     start_time = time.time()
     out = Path(cfg.out)
     resume_state = _prepare_run_dir(cfg, log, ranks)
+    views = ranks.gather(None if resume_state is None else (resume_state["step"], resume_state["position"]))
+    if any(v != views[0] for v in views):  # else their collectives would no longer pair up
+        raise TrainError(f"{out}: the {ranks.world} processes see different checkpoints (steps "
+                         f"{', '.join('none' if v is None else str(v[0]) for v in views)}); every process must "
+                         f"see the same --out: put it on a shared file system")
     if resume_state is not None and resume_state["legacy"]:
         cfg = dataclasses.replace(cfg, **resume_state["legacy"])
         log(f"{out}: this run predates {', '.join(resume_state['legacy'])}; resuming it as it ran "

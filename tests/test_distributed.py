@@ -25,14 +25,15 @@ from test_train import _losses, config, make_gpt2, make_tokenizer, metrics, quie
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _torchrun(world: dict, out: Path, *args: str, nproc: int = 2) -> None:
+def _torchrun(world: dict, out: Path, *args: str, nproc: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "amid.cli", "train", "--cache", world["cache"], "--out", str(out), "--lr", "5e-3",
                "--eval-fraction", "0.2", "--log-every", "1", "--device", "cpu", "--dtype", "fp32",
                "--quiet", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert (done.returncode == 0) == ok, done.stderr[-4000:]
+    return done
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -100,6 +101,27 @@ def test_two_rank_run_resumes_on_two_ranks_and_refuses_one(world, tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+
+    # Every rank refuses a second run into the same directory; the message is printed once.
+    refused = _torchrun(world, tmp_path / "whole", *common, "--max-steps", "6", ok=False)
+    assert refused.stderr.count("already holds a run; pass --resume") == 1, refused.stderr[-4000:]
+
+
+def test_ranks_that_see_different_checkpoints_are_refused(world, tmp_path):
+    # Without a shared file system rank 0 could resume at step 3 while another starts afresh:
+    # their collectives would no longer pair up. The views are compared first.
+    import amid.train as amid_train
+
+    class SplitView(Ranks):
+        def barrier(self) -> None:
+            pass
+
+        def gather(self, obj):
+            return [obj, (3, Position().to_dict())]
+
+    with pytest.raises(TrainError, match=r"see different checkpoints \(steps none, 3\).*shared file system"):
+        amid_train._train(config(world, tmp_path / "run"), torch.device("cpu"), SplitView(rank=0, world=2), quiet)
+    assert not (tmp_path / "run").exists()
 
 
 def test_ranks_serve_the_one_stream_between_them(world):
