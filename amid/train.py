@@ -772,10 +772,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             tokens += step_tokens
             interval_tokens += step_tokens
             ranks.sum_grads(params)
-            if ranks.world > 1:
-                loss_value, lm_value = ranks.sum(torch.stack([loss_sum, lm_sum])).tolist()
-            else:
-                loss_value, lm_value = loss_sum.item(), None
+            loss_value, lm_value = ranks.sum(torch.stack([loss_sum, lm_sum])).tolist()  # one sync
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged_message("loss", loss_value, step + 1, last_saved, ckpt_dir))
             scaler.unscale_(optimizer)
@@ -794,7 +791,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
                           "loss": loss_value, "lr": lr, "grad_norm": round(grad_norm, 6),
                           "tokens": tokens, "tokens_per_s": round(interval_tokens / elapsed, 1)}
                 if lm_stream is not None:
-                    record["lm_loss"] = lm_sum.item() if lm_value is None else lm_value
+                    record["lm_loss"] = lm_value
                 if cfg.loss.lam_end is not None:
                     record["lam"] = loss_cfg.lam
                 write_metrics(record)
@@ -816,6 +813,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
 
     if last_saved != step:
         save_checkpoint()
+    if ranks.main:
+        save_model_dir(out / "final", model, tokenizer)
     summary = {
         "run_dir": str(out), "final": str(out / "final"), "steps": step, "total_steps": total_steps,
         "train_tokens": tokens, "train_loss": loss_value, **(last_eval or {}),
@@ -823,7 +822,6 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         "world_size": ranks.world,
     }
     if ranks.main:
-        save_model_dir(out / "final", model, tokenizer)
         write_json_atomic(out / "summary.json", summary)
     ranks.barrier()  # no rank returns before final/ and summary.json exist
     if last_eval:
