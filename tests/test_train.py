@@ -574,3 +574,28 @@ def test_distills_real_stories260k_teacher(tmp_path):
     summary = train(cfg, log=quiet)
     assert summary["eval"]["eval_kl"] < 0.8 * summary["initial_eval"]["eval_kl"]
     assert summary["eval"]["eval_ppl"] < summary["initial_eval"]["eval_ppl"]
+
+
+@pytest.mark.slow
+def test_cache_gap_recipe(world, tmp_path, capsys):
+    # pipelines.cache_gap on the tiny world: a cache and a run per k, an online run, one table
+    # whose rows are the runs' own full-vocabulary evaluations.
+    from pipelines.cache_gap import main
+
+    out = tmp_path / "gap"
+    main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
+          "--k", "4,8", "--steps", "3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
+    table = (out / "cache_gap.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    runs = json.loads((out / "cache_gap.json").read_text())["runs"]
+    assert list(runs) == ["cache, k = 4", "cache, k = 8", "online teacher, full vocabulary"]
+    online = runs["online teacher, full vocabulary"]["eval_kl_full"]
+    for name, summary in runs.items():
+        assert summary["steps"] == 3 and summary["eval_kl_full"] < summary["initial_eval"]["eval_kl_full"]
+        gap = "" if name.startswith("online") else f" ({summary['eval_kl_full'] - online:+.4f} vs online)"
+        assert f"| {summary['eval_kl_full']:.4f}{gap} |" in table
+    tails = [json.loads((out / f"cache_k{k}" / "manifest.json").read_text())["counts"]["mean_tail_mass"] for k in (4, 8)]
+    assert tails[0] > tails[1] > 0
+    main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
+          "--k", "4,8", "--steps", "3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
+    assert (out / "cache_gap.md").read_text() == table  # a second run reuses every cache and run
