@@ -40,6 +40,21 @@ def _cache(args, data: str, out: Path, k: int) -> dict[str, Any]:
     return open_cache(str(out)).manifest
 
 
+def _same_settings(out: Path, args) -> None:
+    """Finished caches and runs in OUT are reused, so OUT must not hold a comparison made with
+    other settings (more values of --k are fine: each k has its own cache and run)."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "k", "device")}
+    path = out / "cache_gap_settings.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
+        if changed:
+            raise SystemExit(f"{out} holds a comparison made with other {', '.join(changed)} ({path}); "
+                             f"use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def _random_student(teacher: str, shape: str, out: Path, seed: int) -> str:
     """A randomly initialised Llama of HIDDENxLAYERS with the teacher's tokenizer and vocabulary."""
     import torch
@@ -99,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ks = sorted(set(_ints(args.k)))
     out = Path(args.out)
     start = time.time()
+    _same_settings(out, args)
     if args.random_student:
         args.student = _random_student(args.teacher, args.random_student, out / "student_init", args.seed)
 

@@ -599,3 +599,6 @@ def test_cache_gap_recipe(world, tmp_path, capsys):
     main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
           "--k", "4,8", "--steps", "3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
     assert (out / "cache_gap.md").read_text() == table  # a second run reuses every cache and run
+    with pytest.raises(SystemExit, match="other lr, steps"):
+        main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
+              "--k", "4,8", "--steps", "5", "--lr", "1e-3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
