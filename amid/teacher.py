@@ -107,10 +107,16 @@ def model_identity(name_or_path: str, model) -> dict[str, Any]:
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
         ident["weights_sha256"] = h.hexdigest()
-    # The architecture, not how it was loaded: the dtype the forward runs in is recorded separately.
-    ident["config"] = {k: v for k, v in model.config.to_diff_dict().items()
-                       if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
+    ident["config"] = architecture(model)
     return ident
+
+
+def architecture(model) -> dict[str, Any]:
+    """The model's config as the manifest records it (JSON types): the architecture, not how it
+    was loaded (the dtype the forward runs in is recorded separately)."""
+    config = {k: v for k, v in model.config.to_diff_dict().items()
+              if not k.startswith("_") and k not in ("dtype", "torch_dtype")}
+    return json.loads(json.dumps(config, default=str))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
-from amid.teacher import resolve_device, resolve_dtype, tokenizer_identity
+from amid.teacher import architecture, resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
 
@@ -184,7 +184,8 @@ class TrainConfig:
             (self.lm_weight >= 0, f"--lm-weight must be at least 0, got {self.lm_weight}"),
             (self.lm_batch_size is None or self.lm_batch_size >= 1,
              f"--lm-batch-size must be at least 1, got {self.lm_batch_size}"),
-            (not (self.online_teacher and self.eval_teacher and self.online_teacher != self.eval_teacher),
+            (not (self.online_teacher and self.eval_teacher
+                  and os.path.normpath(self.online_teacher) != os.path.normpath(self.eval_teacher)),
              "--eval-teacher and --online-teacher name different teachers; the online teacher is the one evaluated"),
             (self.lm_length >= 2, f"--lm-length must be at least 2, got {self.lm_length}"),
         ]
@@ -286,20 +287,32 @@ class OnlineTeacher:
         return z
 
 
-def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device) -> OnlineTeacher:
+def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> OnlineTeacher:
     """A teacher in memory (`online_teacher` or `eval_teacher`) in the dtype the cache's teacher
     ran in (float32 for caches that do not say), so that the two paths differ only by what the
-    cache keeps (top-k, rounding)."""
+    cache keeps (top-k, rounding). Refused unless its tokenizer, logits and architecture are
+    those of the cache's teacher (its weights are not hashed again: another name gets a note)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    m = cache.manifest
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    if tokenizer_identity(tokenizer) != cache.manifest["tokenizer"]:
+    if tokenizer_identity(tokenizer) != m["tokenizer"]:
         raise TrainError(f"teacher {name} has a different tokenizer than the cache {cache.path}")
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cache.manifest.get("teacher_dtype"), torch.float32)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(m.get("teacher_dtype"), torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
     ).to(device).eval()
-    return OnlineTeacher(model, float(cache.manifest.get("temperature", 1.0)))
+    theirs = m.get("teacher", {})
+    if _vocab_size(model) != int(m["vocab_size"]):
+        raise TrainError(f"teacher {name} has {_vocab_size(model)} output logits, the teacher of the cache "
+                         f"{cache.path} had {m['vocab_size']}: pass the cache's teacher ({theirs.get('name_or_path')})")
+    if "config" in theirs and architecture(model) != theirs["config"]:
+        raise TrainError(f"teacher {name} is not the cache's teacher ({theirs.get('name_or_path')}): its "
+                         f"architecture differs from the one in {cache.path / 'manifest.json'}")
+    if os.path.normpath(name) != os.path.normpath(theirs.get("name_or_path", name)):
+        log(f"note: teacher {name} is not the name the cache {cache.path} was made with "
+            f"({theirs.get('name_or_path')}); its weights are taken to be that teacher's")
+    return OnlineTeacher(model, float(m.get("temperature", 1.0)))
 
 
 def _lm_stream(cfg: TrainConfig, model, tokenizer, log) -> LMStream:
@@ -608,8 +621,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = Head(model)
-    teacher = _load_teacher(cfg.online_teacher, cfg, cache, device) if cfg.online_teacher else None
-    eval_teacher = teacher or (_load_teacher(cfg.eval_teacher, cfg, cache, device) if cfg.eval_teacher else None)
+    teacher = _load_teacher(cfg.online_teacher, cfg, cache, device, log) if cfg.online_teacher else None
+    eval_teacher = teacher or (_load_teacher(cfg.eval_teacher, cfg, cache, device, log) if cfg.eval_teacher else None)
     fused = None
     big_vocab = _vocab_size(model) >= FUSED_MIN_VOCAB
     if teacher is None and (cfg.fused or (cfg.fused is None and device.type == "cuda" and big_vocab)):
@@ -825,7 +838,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         write_json_atomic(out / "summary.json", summary)
     ranks.barrier()  # no rank returns before final/ and summary.json exist
     if last_eval:
-        log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}, eval_ppl {last_eval['eval_ppl']:.3f}; "
+        full = f", eval_kl_full {last_eval['eval_kl_full']:.4f}" if "eval_kl_full" in last_eval else ""
+        log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}{full}, eval_ppl {last_eval['eval_ppl']:.3f}; "
             f"model in {out / 'final'}")
     return summary
 

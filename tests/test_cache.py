@@ -222,7 +222,7 @@ def test_bf16_teacher_log_probs_come_from_a_float32_head(teachers, data_files, t
 
     cfg = TrainConfig(cache=str(out), student=str(teachers["llama"]), out=str(tmp_path / "run"),
                       online_teacher=str(teachers["llama"]))
-    online = _load_teacher(cfg.online_teacher, cfg, _open(out), torch.device("cpu"))
+    online = _load_teacher(cfg.online_teacher, cfg, _open(out), torch.device("cpu"), print)
     assert online.target.route.model.dtype == torch.bfloat16 and online.target.mode == "float32 head"
     ex = next(iter(open_cache(out)))
     batch = {"input_ids": ex["input_ids"][None], "attention_mask": torch.ones(1, len(ex["input_ids"]), dtype=torch.long),

@@ -195,6 +195,19 @@ def test_eval_teacher_adds_the_full_vocabulary_kl_and_changes_no_step(world, tmp
     assert judged["eval_kl_full"] < judged["initial_eval"]["eval_kl_full"]
     with pytest.raises(ValueError, match="different teachers"):
         config(world, tmp_path / "x", online_teacher=world["teacher"], eval_teacher=world["student"])
+    config(world, tmp_path / "x", online_teacher=world["teacher"], eval_teacher=world["teacher"] + "/")  # one path
+
+    # Not the cache's teacher: more logits, another architecture (refused), another name (a note).
+    wide, small = tmp_path / "wide", tmp_path / "small"
+    make_tokenizer(wide), make_gpt2(wide, world["vocab"] + 5, seed=3)
+    make_tokenizer(small), make_llama(small, world["vocab"], seed=3, hidden=16)
+    for other, message in ((wide, "output logits"), (small, "architecture differs")):
+        with pytest.raises(TrainError, match=message):
+            train(config(world, tmp_path / f"refused_{other.name}", max_steps=1, eval_teacher=str(other)), log=quiet)
+        assert not (tmp_path / f"refused_{other.name}").exists()
+    said = []
+    train(config(world, tmp_path / "renamed", max_steps=1, eval_teacher=world["student"]), log=said.append)
+    assert any("is not the name the cache" in m for m in said)
 
 
 # ----------------------------------------------------------------------------------------------
