@@ -24,8 +24,24 @@ from pathlib import Path
 from typing import Any
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _k_list(text: str) -> list[int]:
+    try:
+        ks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give top-k sizes of at least 1, e.g. 8,32,64")
+    return ks
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        hidden, layers = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        hidden = layers = 0
+    if hidden < 1 or layers < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give HIDDENxLAYERS, e.g. 64x2")
+    return hidden, layers
 
 
 def _cache(args, data: str, out: Path, k: int) -> dict[str, Any]:
@@ -43,9 +59,10 @@ def _cache(args, data: str, out: Path, k: int) -> dict[str, Any]:
 def _same_settings(out: Path, args) -> None:
     """Finished caches and runs in OUT are reused, so OUT must not hold a comparison made with
     other settings (more values of --k are fine: each k has its own cache and run)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "k", "device")}
+    settings = json.loads(json.dumps({k: v for k, v in vars(args).items() if k not in ("out", "k")}))
     path = out / "cache_gap_settings.json"
-    if path.exists():
+    holds_work = any(out.glob("cache_*")) or any(out.glob("run_*"))  # a failed first try holds none
+    if path.exists() and holds_work:
         saved = json.loads(path.read_text())
         changed = sorted(k for k in settings.keys() | saved.keys() if settings.get(k) != saved.get(k))
         if changed:
@@ -55,20 +72,20 @@ def _same_settings(out: Path, args) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def _random_student(teacher: str, shape: str, out: Path, seed: int) -> str:
+def _random_student(teacher: str, shape: tuple[int, int], out: Path, seed: int, max_length: int) -> str:
     """A randomly initialised Llama of HIDDENxLAYERS with the teacher's tokenizer and vocabulary."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if not (out / "config.json").exists():
-        hidden, layers = (int(x) for x in shape.lower().split("x"))
+        hidden, layers = shape
         tokenizer = AutoTokenizer.from_pretrained(teacher)
         vocab = AutoConfig.from_pretrained(teacher).vocab_size
         torch.manual_seed(seed)
-        heads = max(1, hidden // 16)
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
+        heads = hidden // 16 if hidden % 16 == 0 else 1
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=max(8, hidden * 8 // 3 // 8 * 8),
                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                          max_position_embeddings=1024, tie_word_embeddings=True,
+                          max_position_embeddings=max(1024, max_length), tie_word_embeddings=True,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         LlamaForCausalLM(cfg).save_pretrained(out)
         tokenizer.save_pretrained(out)
@@ -80,11 +97,22 @@ def _run(args, out: Path, cache: Path, eval_cache: Path | None, **teacher: str) 
 
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
+    resume = (out / "config.json").exists()  # an interrupted run continues
     cfg = TrainConfig(cache=str(cache), student=args.student, out=str(out), preset=args.preset, alpha=args.alpha,
                       lam=args.lam, lr=args.lr, max_steps=args.steps, batch_size=args.batch_size,
                       eval_every=args.steps, save_every=args.steps, seed=args.seed, device=args.device,
-                      eval_cache=None if eval_cache is None else str(eval_cache), progress=False, **teacher)
+                      eval_cache=None if eval_cache is None else str(eval_cache), progress=False, resume=resume,
+                      **teacher)
     return train(cfg, log=lambda m: None)
+
+
+def _initial_eval(run_dir: Path) -> dict[str, Any]:
+    """The step-0 evaluation of a run (also for a run that was resumed: its summary has none)."""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] == 0 and "eval_kl_full" in record:
+            return record
+    raise SystemExit(f"{run_dir / 'metrics.jsonl'} has no evaluation at step 0; delete {run_dir} and rerun")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,12 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--teacher", required=True, help="teacher model (hub name or directory)")
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--student", help="student to start from (shares the teacher's tokenizer)")
-    who.add_argument("--random-student", metavar="HxL", help="start from a random Llama, e.g. 64x2, with the "
+    who.add_argument("--random-student", metavar="HxL", type=_shape, help="start from a random Llama, e.g. 64x2, with the "
                      "teacher's tokenizer")
     ap.add_argument("--data", required=True, help="training data, as for amid cache-teacher")
     ap.add_argument("--eval-data", default=None, help="held-out data (default: the cache's held-out split)")
     ap.add_argument("--out", default="cache_gap_out")
-    ap.add_argument("--k", default="8,32,64", help="comma-separated top-k sizes to compare")
+    ap.add_argument("--k", default=[8, 32, 64], type=_k_list, help="comma-separated top-k sizes to compare")
     ap.add_argument("--template", default="auto")
     ap.add_argument("--limit", type=int, default=None, help="first N examples of --data (and of --eval-data)")
     ap.add_argument("--max-length", type=int, default=128, help="examples are truncated to this many tokens")
@@ -111,12 +139,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto", help="the teacher's dtype while caching (and online)")
     args = ap.parse_args(argv)
-    ks = sorted(set(_ints(args.k)))
+    from amid.cache import CacheError
+    from amid.data import DataError
+    from amid.distributed import world_from_env
+    from amid.train import TrainError
+
+    if world_from_env()[2] > 1:
+        ap.error("runs its own caches and trainings one after another; launch it without torchrun")
+    try:
+        _compare(args)
+    except (TrainError, DataError, CacheError, ValueError, OSError) as exc:
+        raise SystemExit(f"cache_gap: {exc}") from None
+
+
+def _compare(args) -> None:
+    ks = args.k
     out = Path(args.out)
     start = time.time()
     _same_settings(out, args)
     if args.random_student:
-        args.student = _random_student(args.teacher, args.random_student, out / "student_init", args.seed)
+        args.student = _random_student(args.teacher, args.random_student, out / "student_init", args.seed,
+                                       args.max_length)
 
     caches: dict[int, dict[str, Any]] = {}
     for k in ks:
@@ -137,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     online = _run(args, out / "run_online", out / f"cache_k{ks[-1]}", eval_cache, online_teacher=args.teacher)
     results.append(("online teacher, full vocabulary", online, None))
 
-    initial = online["initial_eval"]
+    initial = _initial_eval(out / "run_online")
     lines = ["| student trained from | mean tail mass | held-out KL to teacher (full vocabulary) | held-out ppl |",
              "|---|---:|---:|---:|",
              f"| (initial student) | | {initial['eval_kl_full']:.4f} | {initial['eval_ppl']:.2f} |"]
@@ -153,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"teacher {args.teacher} ({caches[ks[0]]['vocab_size']:,} tokens), {args.steps} steps of "
           f"{args.batch_size} sequences; held-out KL = the exact full-vocabulary KL(p ‖ q); "
           f"{time.time() - start:.0f} s; runs in {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -67,21 +67,23 @@ def train_tokenizer(texts: list[str], out: Path, vocab_size: int = 1024):
     return fast
 
 
-def llama(vocab: int, hidden: int, layers: int, heads: int, seed: int):
+def llama(vocab: int, hidden: int, layers: int, heads: int, seed: int, special_ids: tuple = (0, 0, 0)):
+    """A random Llama; `special_ids` (bos, eos, pad) are the demo tokenizer's by default."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    bos, eos, pad = special_ids
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                      pad_token_id=0)
+                      max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
+                      pad_token_id=pad)
     return LlamaForCausalLM(cfg)
 
 
 def train_teacher(records: list[dict], tokenizer, out: Path, steps: int, seed: int, log=print,
-                  hidden: int = 128, layers: int = 4, max_length: int = 256):
+                  hidden: int = 128, layers: int = 4, max_length: int = 256, special_ids: tuple = (0, 0, 0)):
     """A plain LM loop on prompt+response text (the teacher's own supervised training)."""
-    model = llama(len(tokenizer), hidden=hidden, layers=layers, heads=4, seed=seed)
+    model = llama(len(tokenizer), hidden=hidden, layers=layers, heads=4, seed=seed, special_ids=special_ids)
     seqs = [tokenizer(r["prompt"] + r["response"])["input_ids"] + [tokenizer.eos_token_id] for r in records]
     seqs = [s[:max_length] for s in seqs]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)

@@ -34,11 +34,14 @@ def main(argv: list[str] | None = None) -> None:
 
     with open(args.data, encoding="utf-8") as fh:
         records = [json.loads(line) for line in fh if line.strip()][: args.limit]
+    if len(records) < 16 or any("prompt" not in r or "response" not in r for r in records):
+        ap.error(f"{args.data}: need at least 16 records (one batch), each with prompt and response fields")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     print(f"teacher: Llama {args.layers}x{args.hidden}, {len(tokenizer):,} tokens, {len(records):,} records, "
           f"{args.steps} steps")
+    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
     train_teacher(records, tokenizer, Path(args.out), args.steps, args.seed, hidden=args.hidden, layers=args.layers,
-                  max_length=args.max_length)
+                  max_length=args.max_length, special_ids=specials)
     print(f"saved to {args.out}")
 
 

@@ -590,28 +590,48 @@ def test_distills_real_stories260k_teacher(tmp_path):
 
 
 @pytest.mark.slow
-def test_cache_gap_recipe(world, tmp_path, capsys):
+def test_cache_gap_recipe(world, tmp_path, capsys, monkeypatch):
     # pipelines.cache_gap on the tiny world: a cache and a run per k, an online run, one table
-    # whose rows are the runs' own full-vocabulary evaluations.
+    # whose rows are the runs' own full-vocabulary evaluations; a run killed mid-way resumes.
+    import amid.train as amid_train
     from pipelines.cache_gap import main
 
     out = tmp_path / "gap"
-    main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
-          "--k", "4,8", "--steps", "3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
+    args = ["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
+            "--k", "4,8", "--steps", "3", "--max-length", "64", "--device", "cpu", "--out", str(out)]
+    with pytest.raises(SystemExit):
+        main([*args, "--k", "0,4"])  # refused by the parser, before anything is written
+    with pytest.raises(SystemExit):
+        main([*args, "--random-student", "64"])
+    assert not out.exists()
+
+    real = amid_train.learning_rate
+
+    def killed_in_the_online_run(cfg, step, total):
+        if cfg.online_teacher and step == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(cfg, step, total)
+
+    monkeypatch.setattr(amid_train, "learning_rate", killed_in_the_online_run)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(amid_train, "learning_rate", real)
+    capsys.readouterr()
+    main(args)  # finishes the online run from its checkpoint-less start, reusing the rest
     table = (out / "cache_gap.md").read_text()
     assert table.strip() in capsys.readouterr().out
     runs = json.loads((out / "cache_gap.json").read_text())["runs"]
     assert list(runs) == ["cache, k = 4", "cache, k = 8", "online teacher, full vocabulary"]
     online = runs["online teacher, full vocabulary"]["eval_kl_full"]
     for name, summary in runs.items():
-        assert summary["steps"] == 3 and summary["eval_kl_full"] < summary["initial_eval"]["eval_kl_full"]
+        assert summary["steps"] == 3
         gap = "" if name.startswith("online") else f" ({summary['eval_kl_full'] - online:+.4f} vs online)"
         assert f"| {summary['eval_kl_full']:.4f}{gap} |" in table
+    initial = [m for m in metrics(out / "run_k4") if m["step"] == 0][0]["eval_kl_full"]
+    assert f"| (initial student) | | {initial:.4f} |" in table and online < initial
     tails = [json.loads((out / f"cache_k{k}" / "manifest.json").read_text())["counts"]["mean_tail_mass"] for k in (4, 8)]
     assert tails[0] > tails[1] > 0
-    main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
-          "--k", "4,8", "--steps", "3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
+    main(args)
     assert (out / "cache_gap.md").read_text() == table  # a second run reuses every cache and run
     with pytest.raises(SystemExit, match="other lr, steps"):
-        main(["--teacher", world["teacher"], "--random-student", "32x1", "--data", str(world["root"] / "data.jsonl"),
-              "--k", "4,8", "--steps", "5", "--lr", "1e-3", "--max-length", "64", "--device", "cpu", "--out", str(out)])
+        main([*args, "--steps", "5", "--lr", "1e-3"])
