@@ -437,11 +437,15 @@ def _eval_batches(cache: Cache, rows: list[np.ndarray], metas, cfg: TrainConfig,
 
 def _check_eval_cache(cache: Cache, eval_cache: Cache) -> None:
     """An eval cache may have another k (a full-vocabulary one gives the exact KL), not another
-    tokenizer or a larger vocabulary."""
+    tokenizer, a larger vocabulary or another temperature (its KL would be to another teacher)."""
     if eval_cache.manifest["tokenizer"] != cache.manifest["tokenizer"]:
         raise TrainError(f"eval cache {eval_cache.path} has a different tokenizer than {cache.path}")
     if int(eval_cache.manifest["vocab_size"]) > int(cache.manifest["vocab_size"]):
         raise TrainError(f"eval cache {eval_cache.path} has a larger vocabulary than {cache.path}")
+    theirs, mine = (float(c.manifest.get("temperature", 1.0)) for c in (eval_cache, cache))
+    if theirs != mine:
+        raise TrainError(f"eval cache {eval_cache.path} was made at temperature {theirs}, {cache.path} at {mine}; "
+                         f"cache the held-out data at the training cache's temperature")
 
 
 # ----------------------------------------------------------------------------------------------

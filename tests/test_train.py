@@ -210,6 +210,15 @@ def test_eval_teacher_adds_the_full_vocabulary_kl_and_changes_no_step(world, tmp
     assert any("is not the name the cache" in m for m in said)
 
 
+def test_eval_cache_at_another_temperature_is_refused(world, tmp_path):
+    hot = tmp_path / "cache_hot"
+    cache_teacher(CacheConfig(teacher=world["teacher"], data=str(world["root"] / "data.jsonl"), out=str(hot), top_k=8,
+                              max_length=64, temperature=2.0, device="cpu"), progress=False, log=quiet)
+    with pytest.raises(TrainError, match="temperature 2.0"):
+        train(config(world, tmp_path / "run", eval_cache=str(hot)), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: plain transformers, resume, NaN
 
