@@ -666,12 +666,17 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
 
     if resume_state is not None and resume_state["step"] >= total_steps:
         log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
-        # killed between the last checkpoint and final/
-        if ranks.main and not (out / "final" / "config.json").exists():
-            save_model_dir(out / "final", model, tokenizer)
-        ranks.barrier()
         summary_path = out / "summary.json"
-        return json.loads(summary_path.read_text()) if summary_path.exists() else {"run_dir": str(out)}
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        # Killed after the last checkpoint, before final/ or summary.json: finish those writes.
+        summary = _rebuilt_summary(out, resume_state, total_steps, ranks.world)
+        if ranks.main:
+            if not (out / "final" / "config.json").exists():
+                save_model_dir(out / "final", model, tokenizer)
+            write_json_atomic(summary_path, summary)
+        ranks.barrier()
+        return summary
 
     lm_stream = _lm_stream(cfg, model, tokenizer, log) if cfg.lm_data else None
 
@@ -846,6 +851,29 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}{full}, eval_ppl {last_eval['eval_ppl']:.3f}; "
             f"model in {out / 'final'}")
     return summary
+
+
+def _rebuilt_summary(out: Path, state: dict[str, Any], total_steps: int, world: int) -> dict[str, Any]:
+    """The summary of a run killed after its last checkpoint, from its metrics log (the last
+    evaluation is logged before that checkpoint is written): values as logged, wall_s unknown."""
+    records = []
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line half-written when the run was killed
+    def values(record: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in record.items() if k != "step"}
+
+    evals = [r for r in records if "eval_kl" in r]
+    first = next((values(r) for r in evals if r["step"] == 0), None)
+    last = values(evals[-1]) if evals and evals[-1]["step"] == state["step"] else None
+    losses = [r["loss"] for r in records if "loss" in r]
+    return {
+        "run_dir": str(out), "final": str(out / "final"), "steps": state["step"], "total_steps": total_steps,
+        "train_tokens": state["tokens"], "train_loss": losses[-1] if losses else float("nan"), **(last or {}),
+        "initial_eval": first, "eval": last, "wall_s": None, "world_size": world,
+    }
 
 
 def _epoch_fraction(plan: Plan, pos: Position) -> float:

@@ -283,6 +283,27 @@ def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypat
         train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3}), log=quiet)
 
 
+def test_a_run_killed_after_its_last_checkpoint_finishes_its_writes(world, tmp_path):
+    # Killed between the last checkpoint and summary.json (saving final/ can take minutes for a
+    # large student): --resume trains nothing, writes final/ and a summary from the metrics log.
+    import shutil
+
+    done = train(config(world, tmp_path / "run", max_steps=4, eval_every=2), log=quiet)
+    shutil.rmtree(tmp_path / "run" / "final")
+    (tmp_path / "run" / "summary.json").unlink()
+    again = train(config(world, tmp_path / "run", max_steps=4, eval_every=2, resume=True), log=quiet)
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == again
+    assert again["wall_s"] is None and again["steps"] == done["steps"] == 4
+    for key in ("train_tokens", "train_loss", "total_steps"):
+        assert again[key] == done[key], key
+    for key in ("eval_kl", "eval_ppl", "eval_loss"):
+        assert again[key] == pytest.approx(done[key], abs=1e-6)
+        assert again["eval"][key] == pytest.approx(done["eval"][key], abs=1e-6)
+        assert again["initial_eval"][key] == pytest.approx(done["initial_eval"][key], abs=1e-6)
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]  # nothing trained again
+
+
 def test_resume_of_a_run_saved_before_shuffle_tokens_keeps_its_plan(world, tmp_path):
     # A checkpoint written before --shuffle-tokens existed: its config has no such key and its
     # windows were bounded by examples only. Resuming must keep that plan, whatever is passed now.
