@@ -33,16 +33,20 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except OSError as exc:  # FileNotFoundError too
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            message = _first_line(exc)
             raise click.ClickException(f"rank {rank}: {message}" if world > 1 else message) from None
         except (DataError, CacheError, ValueError, click.ClickException) as exc:
             if world > 1 and rank > 0:
                 sys.exit(1)
             if isinstance(exc, click.ClickException):
                 raise
-            raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            raise click.ClickException(_first_line(exc)) from None
 
     return wrapper
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -80,9 +80,9 @@ class Ranks:
         reached = self.sum_numbers([p.grad is not None for p in params], torch.int32)
         grads = []
         for p, n in zip(params, reached):
-            if n and p.grad is None:
-                p.grad = torch.zeros_like(p)
             if n:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
                 grads.append(p.grad)
         for bucket in _buckets(grads):
             flat = self.sum(torch.cat([g.reshape(-1) for g in bucket]))

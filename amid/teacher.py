@@ -30,6 +30,7 @@ from amid.cache import (
     make_header, mismatch_message, progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
+from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.loader import pad_right, target_rows
 
@@ -162,10 +163,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
 
 
-def _dist_rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[str, Any]:
     """Run stage one. Returns the manifest (dict) once the cache is complete.
 
@@ -176,7 +173,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
 
     start = time.time()
     out = Path(cfg.out)
-    rank, world = _dist_rank_world()
+    rank, _, world = world_from_env()
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)

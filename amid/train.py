@@ -547,19 +547,26 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
     return state
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order; a line half-written by a killed run is skipped."""
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint (a killed run went further than it saved)."""
     if not path.exists():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line half-written when the run was killed
+    keep = [r for r in read_metrics(path) if r["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))  # as write_metrics wrote them
     os.replace(tmp, path)
 
 
@@ -856,12 +863,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
 def _rebuilt_summary(out: Path, state: dict[str, Any], total_steps: int, world: int) -> dict[str, Any]:
     """The summary of a run killed after its last checkpoint, from its metrics log (the last
     evaluation is logged before that checkpoint is written): values as logged, wall_s unknown."""
-    records = []
-    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line half-written when the run was killed
+    records = read_metrics(out / "metrics.jsonl")
+
     def values(record: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in record.items() if k != "step"}
 

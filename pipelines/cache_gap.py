@@ -108,8 +108,9 @@ def _run(args, out: Path, cache: Path, eval_cache: Path | None, **teacher: str) 
 
 def _initial_eval(run_dir: Path) -> dict[str, Any]:
     """The step-0 evaluation of a run (also for a run that was resumed: its summary has none)."""
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    from amid.train import read_metrics
+
+    for record in read_metrics(run_dir / "metrics.jsonl"):
         if record["step"] == 0 and "eval_kl_full" in record:
             return record
     raise SystemExit(f"{run_dir / 'metrics.jsonl'} has no evaluation at step 0; delete {run_dir} and rerun")
