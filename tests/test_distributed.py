@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from amid.train import TrainConfig, TrainError, train
 from test_train import _losses, config, make_gpt2, make_tokenizer, metrics, quiet, world  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def _torchrun(world: dict, out: Path, *args: str, nproc: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
@@ -31,7 +34,16 @@ def _torchrun(world: dict, out: Path, *args: str, nproc: int = 2, ok: bool = Tru
                "--eval-fraction", "0.2", "--log-every", "1", "--device", "cpu", "--dtype", "fp32",
                "--quiet", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.time()
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    summary = out / "summary.json"
+    if (ok and done.returncode != 0 and GLOO_TEARDOWN_ABORT in done.stderr and summary.exists()
+            and summary.stat().st_mtime >= started):
+        # Seen once in ~40 launches (torch 2.13, Gloo): a rank aborts in C++ at interpreter exit,
+        # after destroy_process_group, once the run has written everything. The outputs are then
+        # complete and the caller's assertions check them in full.
+        warnings.warn(f"torchrun: a rank aborted at exit after the run finished ({GLOO_TEARDOWN_ABORT!r})")
+        return done
     assert (done.returncode == 0) == ok, done.stderr[-4000:]
     return done
 
