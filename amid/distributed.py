@@ -130,7 +130,8 @@ def _buckets(grads: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
 
 def start_ranks(device: torch.device) -> Ranks:
     """Join the launcher's process group (NCCL on CUDA, Gloo on the CPU), or use the caller's if
-    one is initialised already; `Ranks()` alone."""
+    one is initialised already; `Ranks()` alone. ValueError if the launcher asks for several
+    ranks and this torch build has no torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_world_size() == 1:
             return Ranks()
@@ -139,7 +140,9 @@ def start_ranks(device: torch.device) -> Ranks:
     if world == 1:
         return Ranks()
     if not dist.is_available():
-        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        # ValueError: the CLI reports it in one line, like any other refused setting
+        raise ValueError(f"WORLD_SIZE={world} is set (a launcher such as torchrun) but this torch build has no "
+                         "torch.distributed: run one process, or install a torch build with distributed support")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)

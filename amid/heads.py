@@ -66,6 +66,21 @@ class Head:
         """[N, V] logits at the target rows."""
         if self.plain:
             return self.head(self.hidden(batch))
+        return self._model_logits(batch)
+
+    def logit_chunks(self, batch: dict[str, Any], rows_per_chunk: int) -> Iterator[torch.Tensor]:
+        """[r, V] logits of the target rows, in order, rows_per_chunk at a time: with a plain head
+        only one chunk of logits exists at once (the hidden states are computed once)."""
+        if self.plain:
+            hidden = self.hidden(batch)
+            for i in range(0, hidden.shape[0], rows_per_chunk):
+                yield self.head(hidden[i: i + rows_per_chunk])
+        else:
+            rows = self._model_logits(batch)
+            for i in range(0, rows.shape[0], rows_per_chunk):
+                yield rows[i: i + rows_per_chunk]
+
+    def _model_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         z = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return z.reshape(-1, z.shape[-1])[batch["rows"]]
 
@@ -99,9 +114,8 @@ class TargetLogits:
     def chunks(self, batch: dict[str, Any], rows_per_chunk: int) -> Iterator[torch.Tensor]:
         """[r, V] float32 logits of the batch's target rows, in order, rows_per_chunk at a time."""
         if self.mode == "model":
-            rows = self.route.logits(batch)
-            for i in range(0, rows.shape[0], rows_per_chunk):
-                yield rows[i: i + rows_per_chunk].float()
+            for z in self.route.logit_chunks(batch, rows_per_chunk):
+                yield z.float()
         else:
             hidden = self.route.hidden(batch)
             for i in range(0, hidden.shape[0], rows_per_chunk):

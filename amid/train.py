@@ -40,7 +40,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -62,6 +62,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 STATE_FILE = "trainer_state.pt"
 FUSED_MIN_VOCAB = 16384
+# Evaluation takes the logits of this many (row × vocabulary) elements at a time (128 MiB of
+# float32), so a held-out batch costs no more memory than a fused training step needs.
+EVAL_CHUNK_ELEMENTS = 1 << 25
 LOSS_FIELDS = ("alpha", "lam", "lam_end", "divergence", "order", "ab_alpha", "ab_beta", "jsd_beta", "ce_weight",
                "tail", "stop_grad_r")
 KL = LossConfig.preset("kd")  # eval_kl: KL(p̄ ‖ q̄) over the k + 1 bins
@@ -279,12 +282,18 @@ class OnlineTeacher:
     def logits(self, batch: dict[str, Any], width: int) -> torch.Tensor:
         """[N, width] float32 logits at the target rows, tempered like the cache, padded with −inf
         to the student's (possibly larger) vocabulary."""
-        with torch.autocast(batch["input_ids"].device.type, enabled=False):
-            (z,) = self.target.chunks(batch, max(1, len(batch["rows"])))  # one chunk: all rows
-        z = z / self.temperature
-        if z.shape[-1] < width:
-            z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
+        (z,) = self.chunks(batch, width, max(1, len(batch["rows"])))  # one chunk: all rows
         return z
+
+    @torch.no_grad()
+    def chunks(self, batch: dict[str, Any], width: int, rows_per_chunk: int) -> Iterator[torch.Tensor]:
+        """The same logits, [r, width], rows_per_chunk rows at a time."""
+        with torch.autocast(batch["input_ids"].device.type, enabled=False):
+            for z in self.target.chunks(batch, rows_per_chunk):
+                z = z / self.temperature
+                if z.shape[-1] < width:
+                    z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
+                yield z
 
 
 def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> OnlineTeacher:
@@ -381,7 +390,8 @@ def evaluate(
     """Held-out eval_loss (the training objective), eval_kl (KL(p̄ ‖ q̄), k + 1 bins), eval_ce and
     eval_ppl (ground-truth next tokens), each a mean over target positions. With an online
     teacher also eval_kl_full, the full-vocabulary KL(p ‖ q). Under data parallelism each rank
-    passes its share of the batches and every rank gets the means over all of them."""
+    passes its share of the batches and every rank gets the means over all of them. The logits
+    (the student's and the teacher's) are taken EVAL_CHUNK_ELEMENTS at a time."""
     model = head.model
     was_training = model.training
     model.eval()
@@ -389,20 +399,24 @@ def evaluate(
     if teacher is not None:
         sums["eval_kl_full"] = 0.0
     n = 0
+    width = _vocab_size(model)
+    rows_per_chunk = max(1, EVAL_CHUNK_ELEMENTS // width)
     for cpu_batch in batches:
         batch = _to_device(cpu_batch, device)
-        with autocast():
-            logits = head.logits(batch)
-        cache_args = (batch["topk_ids"], batch["topk_logprobs"], batch["tail_logmass"])
-        ce = F.cross_entropy(logits.float(), batch["targets"], reduction="none")
-        kd = sparse_loss(logits, *cache_args, loss_cfg) if loss_cfg.ce_weight < 1 else None
-        sums["eval_loss"] += mix_ce(kd, ce, loss_cfg).sum().item()
-        sums["eval_kl"] += sparse_loss(logits, *cache_args, KL).sum().item()
-        sums["eval_ce"] += ce.sum().item()
-        if teacher is not None:
-            with autocast():
-                teacher_logits = teacher.logits(batch, logits.shape[-1])
-            sums["eval_kl_full"] += full_loss(logits, teacher_logits, KL).sum().item()
+        student = head.logit_chunks(batch, rows_per_chunk)
+        judged = teacher.chunks(batch, width, rows_per_chunk) if teacher is not None else None
+        for i in range(0, len(batch["rows"]), rows_per_chunk):
+            with autocast():  # the model's forward (with the first chunk) and head; the losses outside it
+                logits = next(student)
+            part = slice(i, i + rows_per_chunk)
+            cache_args = (batch["topk_ids"][part], batch["topk_logprobs"][part], batch["tail_logmass"][part])
+            ce = F.cross_entropy(logits.float(), batch["targets"][part], reduction="none")
+            kd = sparse_loss(logits, *cache_args, loss_cfg) if loss_cfg.ce_weight < 1 else None
+            sums["eval_loss"] += mix_ce(kd, ce, loss_cfg).sum().item()
+            sums["eval_kl"] += sparse_loss(logits, *cache_args, KL).sum().item()
+            sums["eval_ce"] += ce.sum().item()
+            if judged is not None:
+                sums["eval_kl_full"] += full_loss(logits, next(judged), KL).sum().item()
         n += len(batch["rows"])
     model.train(was_training)
     *totals, n = ranks.sum_numbers([*sums.values(), n])

@@ -1,7 +1,7 @@
-"""Rows 4-6 of amid's benchmark suite (issue 6) and the loader-throughput check (issue 4).
+"""Rows 4-7 of amid's benchmark suite (issue 6) and the loader-throughput check (issue 4).
 
-Run through `python -m benchmarks.run --rows 4,5,6` (the hooks in benchmarks/run.py call
-`bench_cache`, `bench_step` and `bench_teacher_dtype` here). Nothing here is imported by amid.
+Run through `python -m benchmarks.run --rows 4,5,6,7` (the hooks in benchmarks/run.py call
+`bench_cache`, `bench_step`, `bench_teacher_dtype` and `bench_eval` here). Nothing here is imported by amid.
 
 4. Cache write / read throughput at k = 64, one core (torch, Arrow compute and Arrow I/O limited
    to one thread): `ShardWriter.add` + `close` (encode, Parquet zstd 9, fsync) and reading back
@@ -31,6 +31,9 @@ Run through `python -m benchmarks.run --rows 4,5,6` (the hooks in benchmarks/run
    GPT-2-small-shaped teacher (V = 50257; final-norm gain raised so logits have a trained model's
    spread), the same data (pydoc topics, as pipelines/demo.py builds them): top-k id agreement,
    top-1 agreement, log-probability and tail-mass differences, and positions/s of each.
+7. `amid.train.evaluate` on one held-out batch, its logits taken in chunks of rows (the default)
+   vs all N rows at once, without and with an eval teacher: V = 151936, a Llama student of width
+   64 (CPU; 896 on a GPU, bf16) and a teacher twice as wide; CPU 8 × 129 tokens, GPU 16 × 513.
 """
 
 from __future__ import annotations
@@ -508,6 +511,68 @@ def bench_step(meter, args, Row) -> list:
                         extra={"N": N, "speedup": b / a}))
     breakeven = t_build_total / max(t_online - t_cache, 1e-12)
     rows[-1].note += f"; caching pays from N > {breakeven:.2f} runs"
+    del student, teacher
+    _free(dev)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Row 7: held-out evaluation in chunks of logit rows vs the whole batch's [N, V] logits
+
+EVAL_SIZES = {
+    "cpu": dict(vocab=151936, student=(64, 2, 4), teacher=(128, 2, 4), batch=8, seq=129),
+    "cuda": dict(vocab=151936, student=(896, 4, 14), teacher=(1792, 4, 14), batch=16, seq=513),
+}
+
+
+def bench_eval(meter, args, Row) -> list:
+    """`amid.train.evaluate` on one held-out batch with its default EVAL_CHUNK_ELEMENTS vs one
+    chunk holding the whole batch (what it did before: [N, V] logits and the losses' temporaries
+    on them), without and with an eval teacher (`--eval-teacher`: the teacher's [N, V] logits too)."""
+    import amid.train as amid_train
+    from amid.heads import Head
+
+    dev = meter.device
+    gpu = dev.type == "cuda"
+    size = EVAL_SIZES["cuda" if gpu else "cpu"]
+    v = size["vocab"]
+    amp = torch.bfloat16 if gpu else torch.float32
+    student = llama_model(v, size["student"], 1, dev).eval()
+    teacher = amid_train.OnlineTeacher(llama_model(v, size["teacher"], 2, dev, dtype=amp).eval(), 1.0)
+    batch = make_batch(v, size["batch"], size["seq"], TOP_K, dev)
+    n = len(batch["rows"])
+    ids, lps, tail = zipf_topk(n, v, TOP_K, 0, dev)
+    batch.update(topk_ids=torch.from_numpy(ids).long().to(dev), topk_logprobs=torch.from_numpy(lps).float().to(dev),
+                 tail_logmass=torch.from_numpy(tail).to(dev))
+    head = Head(student)
+    cfg = LossConfig.preset("amid", ce_weight=0.1)
+    default = amid_train.EVAL_CHUNK_ELEMENTS
+
+    def autocast():
+        return contextlib.nullcontext() if amp == torch.float32 else torch.autocast(dev.type, dtype=amp)
+
+    def run(chunk, judge, out):
+        def fn():
+            amid_train.EVAL_CHUNK_ELEMENTS = chunk
+            try:
+                out.update(amid_train.evaluate(head, [batch], cfg, dev, autocast, judge))
+            finally:
+                amid_train.EVAL_CHUNK_ELEMENTS = default
+        return fn
+
+    rows = []
+    for judge, label in ((None, "held-out evaluation: row chunks vs whole batch"),
+                         (teacher, "held-out evaluation with --eval-teacher: row chunks vs whole batch")):
+        got_a, got_b = {}, {}
+        fa, fb = run(default, judge, got_a), run(n * v + 1, judge, got_b)
+        with meter.unpinned():
+            t_a, t_b = meter.times([fa, fb])
+        m_a, m_b = meter.peak(fa), meter.peak(fb)
+        worst = max(abs(got_a[key] - got_b[key]) / max(abs(got_b[key]), 1e-30) for key in got_b)
+        rows.append(Row("7", label, n, v, str(amp).replace("torch.", ""), "chunks", "whole batch",
+                        a_s=t_a, b_s=t_b, a_bytes=m_a, b_bytes=m_b,
+                        note=f"{max(1, default // v)} rows per chunk; metrics agree to {worst:.1e} relative",
+                        extra={"rows_per_chunk": max(1, default // v), "max_rel_diff": worst}))
     del student, teacher
     _free(dev)
     return rows

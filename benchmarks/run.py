@@ -10,7 +10,8 @@ same inputs, and reports ratios (first / second): below 1 means the first is fas
     5. step from the cache vs online-teacher step (teacher ≈ 8× the student); N-run sweep cost
     6. cache_teacher bf16 vs float32 teacher forward: top-k agreement, log-prob/tail error, speed
        (GPU only unless named in --rows)
-Rows 4-6 live in benchmarks/pipeline.py (its docstring gives their sizes and method).
+    7. held-out evaluation in chunks of logit rows vs the whole batch's [N, V] logits
+Rows 4-7 live in benchmarks/pipeline.py (its docstring gives their sizes and method).
 
 Time: median of `--repeat` runs after warm-up (CUDA events on a GPU, perf_counter on CPU), the
 two implementations interleaved. Peak memory: the increase of allocated memory over what the
@@ -402,6 +403,13 @@ def bench_training(meter, args) -> list[Row]:
     return pipeline.bench_step(meter, args, Row)
 
 
+def bench_eval(meter, args) -> list[Row]:
+    """Row 7: held-out evaluation in row chunks vs the whole batch (benchmarks/pipeline.py)."""
+    from benchmarks import pipeline
+
+    return pipeline.bench_eval(meter, args, Row)
+
+
 def bench_teacher_dtype(meter, args) -> list[Row]:
     """Row 6: cache_teacher with a bf16 vs a float32 teacher forward: fidelity and positions/s
     (benchmarks/pipeline.py). Runs by default on a GPU only."""
@@ -458,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="comma list (default: float32,bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--rows", default=None,
-                   help="which tables to run (default 1,2,3,4,5 and, on a GPU, 6); rows 4-6 run in the order given")
+                   help="which tables to run (default 1,2,3,4,5,7 and, on a GPU, 6); rows 4-7 run in the order given")
     p.add_argument("--full", action="store_true", help="the issue's sizes on CPU too")
     p.add_argument("--n", type=int, default=None, help="positions per batch (default 4096 GPU, 128 CPU)")
     p.add_argument("--vocab", default="50257,151936")
@@ -489,7 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     vocabs = [int(x) for x in args.vocab.split(",")]
     dtypes = [DTYPES[d] for d in (args.dtype or ("float32,bfloat16" if gpu else "float32")).split(",")]
     repeat = args.repeat or (10 if gpu else 3)
-    order = (args.rows or ("1,2,3,4,5,6" if gpu else "1,2,3,4,5")).split(",")
+    order = (args.rows or ("1,2,3,4,5,6,7" if gpu else "1,2,3,4,5,7")).split(",")
     which = set(order)
     warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     meter = Meter(device, repeat, warmup)
@@ -517,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
             got = bench_vs_ce(meter, [(n, max(vocabs))], dtype, gen, args.presets.split(","))
             rows += got
             print(markdown(got), flush=True)
-    later = {"4": bench_cache, "5": bench_training, "6": bench_teacher_dtype}
+    later = {"4": bench_cache, "5": bench_training, "6": bench_teacher_dtype, "7": bench_eval}
     for key in order:
         if key in later:
             got = later[key](meter, args)

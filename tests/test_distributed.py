@@ -227,3 +227,14 @@ def test_device_under_torchrun(monkeypatch):
     assert amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cpu")) == torch.device("cpu")
     with pytest.raises(TrainError, match="--device cuda:0 names one GPU"):
         amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cuda:0"))
+
+
+def test_several_ranks_without_torch_distributed_are_refused_in_one_line(monkeypatch):
+    import amid.distributed as amid_dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(amid_dist.dist, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 .* no torch.distributed"):
+        amid_dist.start_ranks(torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert amid_dist.start_ranks(torch.device("cpu")) == amid_dist.Ranks()

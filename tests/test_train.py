@@ -179,6 +179,23 @@ def test_online_full_vocabulary_path_matches_a_full_cache(world, tmp_path):
     assert cached["eval_kl_full"] == pytest.approx(cached["eval_kl"], abs=5e-4)  # k = V: the bins are the vocabulary
 
 
+def test_evaluation_in_row_chunks_equals_one_chunk(world, tmp_path, monkeypatch):
+    # Held-out batches are evaluated a chunk of logit rows at a time (student and teacher side by
+    # side): 3 rows per chunk must give the metrics of one chunk per batch.
+    import amid.train as amid_train
+
+    kw = dict(max_steps=2, eval_every=1, eval_teacher=world["teacher"], ce_weight=0.2)
+    whole = train(config(world, tmp_path / "whole", **kw), log=quiet)
+    monkeypatch.setattr(amid_train, "EVAL_CHUNK_ELEMENTS", 3 * world["vocab"] + 1)
+    chunked = train(config(world, tmp_path / "chunked", **kw), log=quiet)
+    evals = [[m for m in metrics(tmp_path / run) if "eval_kl" in m] for run in ("whole", "chunked")]
+    assert len(evals[0]) == len(evals[1]) == 3
+    for a, b in zip(*evals):
+        for key in ("eval_loss", "eval_kl", "eval_ce", "eval_kl_full"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert chunked["eval_kl_full"] == pytest.approx(whole["eval_kl_full"], rel=1e-5)
+
+
 def test_eval_teacher_adds_the_full_vocabulary_kl_and_changes_no_step(world, tmp_path):
     # k = 8 of ~40 tokens: KL over the k + 1 bins is a lower bound of the full KL (data
     # processing; SPEC §4), strictly below it for a student that is not the teacher.
