@@ -279,6 +279,18 @@ class _StudentBins(torch.autograd.Function):
         return eager_logit_grad(logits, ids, bg, s, dtype), None, None
 
 
+def check_distinct(topk_ids: Tensor) -> None:
+    """ValueError if a row of `topk_ids` [N, k] names an id twice (the bins would overlap: the
+    forward would count that logit twice and the backward once). One host sync."""
+    if topk_ids.shape[-1] < 2 or topk_ids.numel() == 0:
+        return
+    ordered = topk_ids.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(dim=-1)
+    if bool(repeated.any()):
+        row = int(repeated.nonzero()[0, 0])
+        raise ValueError(f"topk_ids row {row} names an id twice: the top-k ids of a position must be distinct")
+
+
 def student_bins(logits: Tensor, topk_ids: Tensor, s: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Student log-probabilities on the top-k bins and the tail bin, from full logits.
 
@@ -292,4 +304,5 @@ def student_bins(logits: Tensor, topk_ids: Tensor, s: float | None = None) -> tu
         log q_tail is computed as a logsumexp over the complement of S, so it is exact even when
         the top-k hold almost all the mass.
     """
+    check_distinct(topk_ids)
     return _StudentBins.apply(logits, topk_ids.long(), s)

@@ -46,7 +46,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from amid.bins import BinGrads, bin_grads, compute_dtype, eager_dense_grad, eager_logit_stats
+from amid.bins import BinGrads, bin_grads, check_distinct, compute_dtype, eager_dense_grad, eager_logit_stats
 from amid.losses import LossConfig, bins_loss, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
@@ -436,6 +436,9 @@ class _FusedLossForwardGrad(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):  # type: ignore[override]
+        if ctx.grads is None:  # freed by the first backward: they are as large as the inputs
+            raise RuntimeError("fused_sparse_loss(mode='forward') supports one backward per forward; "
+                               "use mode='recompute' to call backward again (retain_graph)")
         gh, gw, gb = ctx.grads
         ctx.grads = None
         n = go.shape[0]
@@ -509,6 +512,7 @@ def fused_sparse_loss(
     if mode == "auto":
         mode = "forward" if hidden.dtype in (torch.float32, torch.float64) else "recompute"
     ids = topk_ids.long()
+    check_distinct(ids)
     s = tail_weight_degree(config)
     v = lm_weight.shape[0]
     fast = compiled_kernels_enabled(hidden)

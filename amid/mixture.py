@@ -27,6 +27,10 @@ from torch import Tensor
 
 __all__ = ["log_alpha_mixture"]
 
+# |c| = |1 − α|/2 beyond which the α ≠ 1 formula is replaced by its ±inf limit (c·log p would
+# overflow float32 near |c| = 1e34 for log-probabilities of −1e4).
+_C_LIMIT = 1e30
+
 
 def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) -> Tensor:
     """Normalised log of the α-mixture of p and q over the last dimension.
@@ -34,7 +38,8 @@ def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) ->
     Args:
         log_p: teacher log-probabilities, [..., K], float32 or float64; −inf marks a zero.
         log_q: student log-probabilities, same shape and dtype.
-        alpha: any real number; ±inf give the normalised max(p, q) / min(p, q) limits.
+        alpha: any real number; ±inf give the normalised max(p, q) / min(p, q) limits (so does
+            |1 − α|/2 > 1e30, where they are exact to float64).
         lam: teacher weight λ ∈ [0, 1]; λ = 1 returns p, λ = 0 returns q (renormalised).
 
     Returns:
@@ -51,11 +56,13 @@ def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) ->
         return _normalise(log_q)
     if alpha == 1.0:
         return _normalise(lam * log_p + (1.0 - lam) * log_q)
-    if math.isinf(alpha):
-        pick = torch.maximum if alpha < 0 else torch.minimum
+    c = (1.0 - alpha) / 2.0
+    if abs(c) > _C_LIMIT:
+        # ±inf, or so large that c·log p would overflow: the normalised max(p, q) / min(p, q)
+        # (r̃ differs from them by a factor λ^(1/c) ≈ 1 − 1e-30·log λ).
+        pick = torch.maximum if c > 0 else torch.minimum
         return _normalise(pick(log_p, log_q))
 
-    c = (1.0 - alpha) / 2.0
     neg_p, neg_q = torch.isneginf(log_p), torch.isneginf(log_q)
     # Where r̃ is exactly zero: both zero for c > 0; either zero for c < 0 (p^c = +inf there).
     dead = (neg_p & neg_q) if c > 0 else (neg_p | neg_q)
@@ -65,8 +72,13 @@ def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) ->
     p_is_ref = (c * lp) >= (c * lq)
     ref = torch.where(p_is_ref, lp, lq)
     other = torch.where(p_is_ref, lq, lp)
-    w_ref = torch.where(p_is_ref, torch.full_like(lp, lam), torch.full_like(lp, 1.0 - lam))
-    w_other = 1.0 - w_ref
+    # Both weights and their logs come from float64 scalars: 1 − w_ref in float32 would drop a
+    # λ below 6e-8 (1 − λ rounds to 1), which the division by a small c then magnifies.
+    def by_ref(if_p: float, if_q: float) -> Tensor:
+        return torch.where(p_is_ref, lp.new_tensor(if_p), lp.new_tensor(if_q))
+
+    w_ref, w_other = by_ref(lam, 1.0 - lam), by_ref(1.0 - lam, lam)
+    log_w_ref, log_w_other = by_ref(math.log(lam), math.log1p(-lam)), by_ref(math.log1p(-lam), math.log(lam))
     # c·(other − ref) ≤ 0 by the choice of ref; −inf when `other` is a zero that c > 0 allows.
     cd = c * (other - ref)
     # log(w_ref + w_other·e^cd): as log1p(w_other·expm1(cd)) while the sum is near 1 (exact as
@@ -76,7 +88,7 @@ def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) ->
     log_sum = torch.where(
         near_one,
         torch.log1p(torch.where(near_one, y, torch.full_like(y, -0.5))),
-        torch.logaddexp(torch.log(w_ref), torch.log(w_other) + cd),
+        torch.logaddexp(log_w_ref, log_w_other + cd),
     )
     log_r_tilde = ref + log_sum / c
     log_r_tilde = torch.where(dead, torch.full_like(log_r_tilde, -math.inf), log_r_tilde)

@@ -215,3 +215,15 @@ def test_compiled_kernels_match(preset, monkeypatch):
         assert not fused._compile_state["failed"]
         _assert_match(ref, mat, rtol=1e-4, atol=1e-5)  # student_bins' compiled path
         _assert_match(ref, got, rtol=1e-4, atol=1e-5)
+
+
+def test_forward_mode_refuses_a_second_backward_in_words():
+    hidden, weight, bias, ids, top, tail = _problem()
+    hidden.requires_grad_()
+    loss = fused_sparse_loss(hidden, weight, bias, ids, top, tail, LossConfig.preset("kd"), mode="forward").sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward.*mode='recompute'"):
+        loss.backward()
+    again = fused_sparse_loss(hidden, weight, bias, ids, top, tail, LossConfig.preset("kd"), mode="recompute").sum()
+    again.backward(retain_graph=True)
+    again.backward()

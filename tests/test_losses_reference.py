@@ -1092,3 +1092,38 @@ def test_mixture_extreme_lambda_accuracy(alpha):
         if not rel <= 1e-9:
             errs.append(f"α={alpha} λ={lam!r}: max rel err {rel:.2e}")
     assert not errs, "\n".join(errs)
+
+
+@pytest.mark.parametrize("alpha", [1 - 1e-7, 1 - 1e-5, 1 + 1e-6])
+@pytest.mark.parametrize("lam", [1e-8, 1e-7, 1 - 1e-7])
+def test_mixture_float32_keeps_tiny_weights_near_alpha_one(alpha, lam):
+    # Near α = 1 the log1p term is divided by a tiny c: a weight λ that float32 would lose in
+    # 1 − (1 − λ) must come through exactly (teachers with exact zeros make it visible).
+    zs, zt = zipf_zero_case(50)
+    lp64, lq64 = torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)
+    want = ref_log_mixture(lp64, lq64, alpha, lam).exp()
+    got = log_alpha_mixture(lp64.float(), lq64.float(), alpha, lam).exp().double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [-1e38, -1e31, 1e31, 1e38])
+def test_mixture_beyond_float_range_of_c_is_the_max_min_limit(alpha):
+    zs, zt = random_case(51, 4, 9)
+    lp, lq = torch.log_softmax(zt, -1).float(), torch.log_softmax(zs, -1).float().requires_grad_()
+    r = log_alpha_mixture(lp, lq, alpha, 0.3)
+    limit = log_alpha_mixture(lp, lq.detach(), NINF if alpha < 0 else INF, 0.3)
+    torch.testing.assert_close(r.detach(), limit)
+    r.exp().pow(2).sum().backward()
+    assert torch.isfinite(lq.grad).all()
+
+
+def test_repeated_top_k_ids_are_refused():
+    from amid.fused import fused_sparse_loss
+
+    ids = torch.tensor([[1, 2, 3], [2, 7, 2]])
+    lps, tail = torch.full((2, 3), -2.0), torch.full((2,), -1.0)
+    with pytest.raises(ValueError, match="topk_ids row 1 names an id twice"):
+        sparse_loss(torch.randn(2, 10), ids, lps, tail, LossConfig.preset("kd"))
+    with pytest.raises(ValueError, match="topk_ids row 1 names an id twice"):
+        fused_sparse_loss(torch.randn(2, 4), torch.randn(10, 4), None, ids, lps, tail, LossConfig.preset("kd"))
+    assert torch.isfinite(sparse_loss(torch.randn(2, 10), ids[:, :1], lps[:, :1], tail, LossConfig.preset("kd"))).all()
