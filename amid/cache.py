@@ -76,6 +76,14 @@ def temporary_files(directory: Path) -> Iterator[tuple[Path, int | None]]:
             yield f, int(task) if task.isdigit() else None
 
 
+def unlisted_files(directory: Path, shards: list[dict[str, Any]]) -> list[Path]:
+    """Parquet files in the cache's part directories that no shard lists (an earlier cache's,
+    left in the directory): any reader of `examples/` or `topk/` as a dataset would mix them in."""
+    listed = {f["file"] for r in shards for f in r["files"].values()}
+    return sorted(f for part in PARTS for f in Path(directory).glob(f"{part}/*.parquet")
+                  if f"{part}/{f.name}" not in listed)
+
+
 def is_cache_entry(name: str) -> bool:
     """Whether a name in a cache directory is one a cache (or a rank starting one) writes."""
     return (name in (MANIFEST, *PARTS) or (name.startswith("progress-rank") and name.endswith(".json"))
@@ -298,10 +306,12 @@ def finished_shards(directory: Path, header: dict[str, Any]) -> dict[int, dict[s
 
 def _present(directory: Path, record: dict[str, Any]) -> bool:
     """Every file of a shard record exists with the recorded size."""
-    files = record.get("files")
-    if not isinstance(files, dict) or set(files) != set(PARTS):
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or set(files) != set(PARTS) or not isinstance(record.get("task"), int):
         return False
     for meta in files.values():
+        if not (isinstance(meta, dict) and isinstance(meta.get("file"), str) and isinstance(meta.get("bytes"), int)):
+            return False
         f = directory / meta["file"]
         if not f.exists() or f.stat().st_size != meta["bytes"]:
             return False
@@ -310,9 +320,46 @@ def _present(directory: Path, record: dict[str, Any]) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CacheError(f"{path}: unreadable ({exc}); delete it to start this cache again") from None
+    if not isinstance(obj, dict):
+        raise CacheError(f"{path}: not a JSON object (a {type(obj).__name__}); delete it to start this cache again")
+    if "shards" in obj and not isinstance(obj["shards"], list):
+        raise CacheError(f"{path}: its 'shards' is not a list; delete it to start this cache again")
+    return obj
+
+
+def _check_manifest(m: Any, path: Path) -> None:
+    """CacheError naming `path` unless the manifest has the structure a reader relies on (an
+    edited or foreign file must not end in a KeyError deep in the trainer)."""
+    def malformed(what: str) -> CacheError:
+        return CacheError(f"{path}: malformed manifest ({what}); recreate the cache with `amid cache-teacher`")
+
+    if not isinstance(m, dict):
+        raise malformed(f"a JSON {type(m).__name__}, not an object")
+    for key, kind in (("k", int), ("vocab_size", int), ("temperature", (int, float)), ("shards", list),
+                      ("counts", dict), ("tokenizer", dict), ("teacher", dict), ("data", dict)):
+        if key not in m:
+            raise malformed(f"no {key!r}")
+        if not isinstance(m[key], kind) or isinstance(m[key], bool):
+            raise malformed(f"{key!r} is {json.dumps(m[key])[:40]}")
+    if m["k"] < 1 or m["vocab_size"] < m["k"]:
+        raise malformed(f"k {m['k']} with a vocabulary of {m['vocab_size']}")
+    for key in ("examples", "positions"):
+        if not isinstance(m["counts"].get(key), int):
+            raise malformed(f"counts.{key} is {m['counts'].get(key)!r}")
+    for i, shard in enumerate(m["shards"]):
+        files = shard.get("files") if isinstance(shard, dict) else None
+        if not isinstance(files, dict) or set(files) != {"examples", "topk"}:
+            raise malformed(f"shard {i} does not list its examples and topk files")
+        for part, f in files.items():
+            if not (isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("bytes"), int)
+                    and isinstance(f.get("sha256"), str)):
+                raise malformed(f"shard {i}'s {part} file lacks its name, size or sha256")
+        for key in ("examples", "positions"):
+            if not isinstance(shard.get(key), int):
+                raise malformed(f"shard {i}'s {key} count is {shard.get(key)!r}")
 
 
 def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -356,6 +403,8 @@ def finalize(directory: Path, header: dict[str, Any], num_tasks: int, extra: dic
     if sorted(shards) != list(range(num_tasks)):
         return None
     records = [shards[t] for t in range(num_tasks)]
+    for stale in unlisted_files(directory, records):  # shards of an earlier cache in this directory
+        stale.unlink(missing_ok=True)
     positions = sum(r["positions"] for r in records)
     manifest = {
         **header,
@@ -430,8 +479,18 @@ class Cache:
         if version < FORMAT_VERSION:
             raise CacheError(f"{manifest_path}: format version {version} was written by an older amid; this one "
                              f"reads version {FORMAT_VERSION}: recreate the cache with `amid cache-teacher`")
+        _check_manifest(self.manifest, manifest_path)
         self.k: int = int(self.manifest["k"])
         self.verify = verify
+
+    @property
+    def content_id(self) -> str:
+        """sha256 of the cache's identity and of every shard file's sha256: equal for copies of
+        one cache wherever they live, different for any other cache (a trainer's checkpoint
+        records it, so a run resumes only on the data it was planned on)."""
+        shards = [{part: f["sha256"] for part, f in sorted(r["files"].items())} for r in self.shards]
+        return sha256_bytes(json.dumps({"fingerprint": self.manifest.get("fingerprint"), "shards": shards},
+                                       sort_keys=True).encode())
 
     @property
     def shards(self) -> list[dict[str, Any]]:
@@ -462,11 +521,15 @@ class Cache:
         except OSError as exc:
             reason = exc.strerror or str(exc).splitlines()[0]
             raise CacheError(f"shard {f}: cannot be read ({reason}); the cache is damaged, recreate it") from None
-        if len(data) != meta["bytes"] or (self.verify and sha256_bytes(data) != meta["sha256"]):
-            raise CacheError(
-                f"shard {f}: checksum mismatch ({len(data)} bytes, manifest says {meta['bytes']}); the "
-                f"shard is damaged or altered — recreate the cache (or rerun cache-teacher into a new --out)"
-            )
+        if len(data) != meta["bytes"]:
+            problem = f"is {len(data):,} bytes, the manifest says {meta['bytes']:,}"
+        elif self.verify and sha256_bytes(data) != meta["sha256"]:
+            problem = "does not match its sha256 in the manifest"
+        else:
+            problem = None
+        if problem:
+            raise CacheError(f"shard {f}: {problem}; the shard is damaged or altered — recreate the cache "
+                             f"(or rerun cache-teacher into a new --out)")
         try:
             return pq.ParquetFile(pa.BufferReader(data)).read()  # ≈5 % faster than pq.read_table
         except (pa.ArrowException, OSError) as exc:
@@ -508,12 +571,20 @@ class Cache:
             if not np.array_equal(n_tail, n_pos) or not np.array_equal(ex.column("topk_row").to_numpy(), rows[:-1]):
                 raise CacheError(f"shard {f}: tail_logmass lengths or topk_row do not match the positions")
             self._check_topk_rows(i, tables["topk"], int(n_pos.sum()))
+            ids = tables["topk"].column("topk_id").to_numpy().reshape(-1, self.k)
+            if self.k > 1 and not (ids[:, 1:] > ids[:, :-1]).all():
+                raise CacheError(f"shard {self.shard_path(i, 'topk')}: a position's top-k ids are not strictly "
+                                 f"ascending (repeated or out of order); recreate the cache")
             examples += ex.num_rows
             positions += int(n_pos.sum())
         counts = self.manifest["counts"]
         if examples != counts["examples"] or positions != counts["positions"]:
             raise CacheError(f"{self.path}: shards hold {examples} examples / {positions} positions, manifest "
                              f"says {counts['examples']} / {counts['positions']}")
+        extra = unlisted_files(self.path, self.shards)
+        if extra:
+            raise CacheError(f"{extra[0]}: no shard of {self.path / MANIFEST} lists it ({len(extra)} such files): "
+                             f"left from another cache; delete them, or Parquet readers of the directory mix them in")
         return {"shards": len(self.shards), "examples": examples, "positions": positions}
 
 

@@ -87,33 +87,55 @@ class BuildStats:
     truncated: int = 0
     skipped_too_long: int = 0
     skipped_empty: int = 0
+    first_empty: str | None = None  # where the first record without a target came from
 
 
 # ----------------------------------------------------------------------------------------------
 # Records
 
 
-def load_records(source: str, split: str = "train", limit: int | None = None) -> list[dict[str, Any]]:
+class Records(list):
+    """A list of records that can say where record i came from (`where(i)`: "FILE:LINE" for
+    JSON Lines, "FILE (element i)" for a JSON array, "SOURCE record i" (1-based) otherwise)."""
+
+    def __init__(self, records: Iterable[dict[str, Any]], source: str, locations: list[str] | None = None):
+        super().__init__(records)
+        self.source = source
+        self.locations = locations
+
+    def where(self, index: int) -> str:
+        if self.locations is not None and index < len(self.locations):
+            return self.locations[index]
+        return f"{self.source} record {index + 1}"
+
+
+def where(records: Iterable[dict[str, Any]], index: int, source: str) -> str:
+    """Where record `index` of `records` came from (see `Records`)."""
+    return records.where(index) if isinstance(records, Records) else f"{source} record {index + 1}"
+
+
+def load_records(source: str, split: str = "train", limit: int | None = None) -> Records:
     """Records from a local file/directory (JSONL/JSON/Parquet/CSV/text) or a `datasets` name.
 
-    Raises DataError naming the file and line for malformed JSONL, and for empty data.
+    Raises DataError naming the file and line for malformed JSONL (or text that is not UTF-8),
+    and for empty data.
     """
     path = Path(source)
     if path.exists():
-        records = _load_local(path, split)
+        records, locations = _load_local(path, split)
     elif source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
         # Looks like a path (hub dataset names are "name" or "owner/name" without a file extension).
         raise DataError(f"{source}: no such file or directory")
     else:
-        records = _load_hub(source, split)
+        records, locations = _load_hub(source, split), None
     if limit is not None:
         records = records[:limit]
     if not records:
         raise DataError(f"{source}: no records (empty file or split {split!r}); nothing to do")
-    return records
+    return Records(records, source, locations)
 
 
-def _load_local(path: Path, split: str) -> list[dict[str, Any]]:
+def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], list[str] | None]:
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(_BUILDERS)}) found")
@@ -124,8 +146,11 @@ def _load_local(path: Path, split: str) -> list[dict[str, Any]]:
             f"use one kind of file among {', '.join(_BUILDERS)}"
         )
     builder = builders.pop()
+    locations = None
     if builder == "json":
-        n_records = sum(_check_json_file(f) for f in files)
+        # `datasets` reads the files in this order and each one's records in file order.
+        locations = [loc for f in files for loc in _check_json_file(f)]
+        n_records = len(locations)
     else:
         n_records = sum(f.stat().st_size for f in files)  # nonzero unless every file is empty
     if not n_records:  # `datasets` fails on empty files with an unhelpful error (StopIteration)
@@ -137,7 +162,8 @@ def _load_local(path: Path, split: str) -> list[dict[str, Any]]:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         raise DataError(f"{path}: could not be read as {builder}: {_first_line(exc)}") from exc
-    return [dict(r) for r in ds]
+    records = [dict(r) for r in ds]
+    return records, (locations if locations is not None and len(locations) == len(records) else None)
 
 
 def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
@@ -153,33 +179,41 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def _check_json_file(path: Path) -> int:
-    """Validate JSONL line by line (or a JSON array) so errors name the line; returns the record count."""
-    with open(path, encoding="utf-8") as fh:
-        head = fh.read(1)
-        while head and head.isspace():
-            head = fh.read(1)
-    if head == "[":
+def _check_json_file(path: Path) -> list[str]:
+    """Validate JSONL line by line (or a JSON array) so errors name the line; returns where each
+    record is ("FILE:LINE", or "FILE (element i)" in an array)."""
+    with open(path, "rb") as fh:
+        lines = [_utf8(raw, path, lineno) for lineno, raw in enumerate(fh, 1)]
+    if lines:
+        lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark
+    if "".join(lines).lstrip().startswith("["):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads("".join(lines))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
-        if not all(isinstance(r, dict) for r in data):
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise DataError(f"{path}: a JSON file must hold an array of objects")
-        return len(data)
-    count = 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-            count += 1
-    return count
+        return [f"{path} (element {i})" for i in range(len(data))]
+    locations = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        locations.append(f"{path}:{lineno}")
+    return locations
+
+
+def _utf8(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                        f"save the file as UTF-8") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -233,19 +267,37 @@ def dolly_prompt(record: dict[str, Any]) -> str:
     return template.format(instruction=str(record["instruction"]).strip(), context_block=block)
 
 
-def _split(record: dict[str, Any], template: str, cfg: TemplateConfig) -> tuple[str, str]:
+def _text(record: dict[str, Any], field: str, where: str) -> str:
+    """A field's text: missing or null is empty; numbers (CSV columns) are written out; anything
+    else (a list, an object) is refused rather than turned into its Python repr."""
+    value = record.get(field)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise DataError(f"{where}: field {field!r} holds a {type(value).__name__}, not text; make it a string")
+
+
+def _split(record: dict[str, Any], template: str, cfg: TemplateConfig, where: str) -> tuple[str, str]:
     """(prompt, target text) of a record; prompt is empty for plain text."""
     if template == "text":
-        return "", str(record[cfg.text_field] or "")
+        return "", _text(record, cfg.text_field, where)
     if template == "dolly":
-        prompt = str(record[cfg.prompt_field]) if record.get(cfg.prompt_field) else dolly_prompt(record)
-        return prompt, str(record[cfg.response_field] or "")
-    return str(record[cfg.prompt_field] or ""), str(record[cfg.response_field] or "")
+        prompt = _text(record, cfg.prompt_field, where) or dolly_prompt(record)
+        return prompt, _text(record, cfg.response_field, where)
+    return _text(record, cfg.prompt_field, where), _text(record, cfg.response_field, where)
 
 
-def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig) -> tuple[list[int], int]:
-    """input_ids and the index of the first target token."""
-    prompt, target = _split(record, template, cfg)
+def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig,
+            where: str) -> tuple[list[int], int] | None:
+    """input_ids and the index of the first target token; None for a record with nothing to
+    learn: empty text, or an instruction record with an empty response (its only target would
+    be the closing EOS)."""
+    prompt, target = _split(record, template, cfg, where)
+    if not target.strip():
+        return None
     if template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
@@ -284,19 +336,26 @@ def build_examples(
 ) -> tuple[list[Example], BuildStats, str]:
     """Tokenize every record; returns (examples, stats, resolved template).
 
-    Examples longer than cfg.max_length are refused (overflow="error", naming the record),
-    truncated (keeping the prompt's start) or skipped. Examples without any target are skipped.
+    Examples longer than cfg.max_length are refused (overflow="error", naming the file and line),
+    truncated (keeping the prompt's start) or skipped. Records without any target (empty text or
+    response, or a prompt that fills --max-length) are skipped and counted.
     """
-    records = list(records)
+    if not isinstance(records, list):
+        records = list(records)
     template, cfg = resolve_template(records, cfg, source)
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
     for index, record in enumerate(records):
-        ids, first_target = _encode(tokenizer, record, template, cfg)
+        encoded = _encode(tokenizer, record, template, cfg, where(records, index, source))
+        if encoded is None:
+            stats.skipped_empty += 1
+            stats.first_empty = stats.first_empty or where(records, index, source)
+            continue
+        ids, first_target = encoded
         if len(ids) > cfg.max_length:
             if cfg.overflow == "error":
                 raise DataError(
-                    f"{source}: record {index} has {len(ids)} tokens, more than --max-length "
+                    f"{where(records, index, source)}: the example has {len(ids)} tokens, more than --max-length "
                     f"{cfg.max_length}; raise --max-length or pass --overflow truncate / --overflow skip"
                 )
             if cfg.overflow == "skip":
@@ -307,6 +366,7 @@ def build_examples(
         positions = list(range(max(first_target - 1, 0), len(ids) - 1))
         if not positions:
             stats.skipped_empty += 1
+            stats.first_empty = stats.first_empty or where(records, index, source)
             continue
         examples.append(Example(example_id=index, input_ids=ids, positions=positions))
     stats.examples = len(examples)

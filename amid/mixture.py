@@ -72,12 +72,12 @@ def log_alpha_mixture(log_p: Tensor, log_q: Tensor, alpha: float, lam: float) ->
     p_is_ref = (c * lp) >= (c * lq)
     ref = torch.where(p_is_ref, lp, lq)
     other = torch.where(p_is_ref, lq, lp)
-    # Both weights and their logs come from float64 scalars: 1 − w_ref in float32 would drop a
+    # The weights and their logs come from float64 scalars: 1 − w_ref in float32 would drop a
     # λ below 6e-8 (1 − λ rounds to 1), which the division by a small c then magnifies.
     def by_ref(if_p: float, if_q: float) -> Tensor:
         return torch.where(p_is_ref, lp.new_tensor(if_p), lp.new_tensor(if_q))
 
-    w_ref, w_other = by_ref(lam, 1.0 - lam), by_ref(1.0 - lam, lam)
+    w_other = by_ref(1.0 - lam, lam)
     log_w_ref, log_w_other = by_ref(math.log(lam), math.log1p(-lam)), by_ref(math.log1p(-lam), math.log(lam))
     # c·(other − ref) ≤ 0 by the choice of ref; −inf when `other` is a zero that c > 0 allows.
     cd = c * (other - ref)

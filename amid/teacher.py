@@ -177,6 +177,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)
+    if stats.skipped_empty and rank == 0:
+        log(f"note: {stats.skipped_empty} of {stats.records} records have no target token (an empty response "
+            f"or text, or a prompt that fills --max-length) and are skipped; the first: {stats.first_empty}")
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -265,6 +268,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     if manifest is None:
         log(f"rank {rank}: my shards are done; the manifest is written by the last rank to finish")
         return header
+    if world == 1:  # a killed run's manifest temporary (under torchrun another rank may be writing its own)
+        for stale in out.glob(f".{MANIFEST}.tmp-*"):
+            stale.unlink(missing_ok=True)
     c = manifest["counts"]
     log(
         f"cache complete: {out}\n"

@@ -524,11 +524,14 @@ def _seed_everything(seed: int) -> None:
 
 def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | None:
     """Check the run directory; returns the trainer state to resume from, or None for a fresh run.
-    Writes nothing but the recovery of an interrupted checkpoint rename (rank 0)."""
+    Writes nothing but the recovery of an interrupted checkpoint rename and the removal of a
+    killed run's JSON temporaries (rank 0)."""
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     if ranks.main:
         _recover_checkpoint(ckpt)
+        for stale in out.glob(".*.json.tmp-*"):  # a killed run's half-written config/summary (rank 0 writes them)
+            stale.unlink(missing_ok=True)
     ranks.barrier()
     has_ckpt = (ckpt / STATE_FILE).exists()
     if not cfg.resume:
@@ -538,7 +541,12 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
     if not has_ckpt:
         log(f"{out}: no checkpoint to resume from; starting from step 0")
         return None
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise ValueError("not a trainer state")
+    except Exception as exc:  # truncated, overwritten or foreign: unpickling errors vary by damage
+        raise TrainError(_damaged_checkpoint(ckpt / STATE_FILE, exc, ckpt)) from None
     saved_world = state.get("world_size", 1)
     if saved_world != ranks.world:
         raise TrainError(
@@ -548,9 +556,12 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
         )
     saved = state["config"]
     legacy = {k: v for k, v in ADDED_SETTINGS.items() if saved.get(k, v) == v}
+    # The run directory is where the checkpoint was found; the cache is compared by content
+    # once it is open (`cache_id`), by path only for checkpoints older than that record.
+    exempt = RESUMABLE_CHANGES | {"out"} | ({"cache"} if "cache_id" in state else set())
     changed = sorted(
         k for k, v in TrainConfig.from_dict({**saved, **legacy}).to_dict().items()
-        if k not in RESUMABLE_CHANGES and k not in legacy and cfg.to_dict()[k] != v
+        if k not in exempt and k not in legacy and not _same_setting(cfg.to_dict()[k], v)
     )
     if changed:
         raise TrainError(
@@ -559,6 +570,21 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
         )
     state["legacy"] = {k: v for k, v in legacy.items() if getattr(cfg, k) != v}
     return state
+
+
+def _same_setting(mine: Any, saved: Any) -> bool:
+    """Equal settings; two spellings of one existing path (relative, absolute, a symlink) count as equal."""
+    if mine == saved:
+        return True
+    if isinstance(mine, str) and isinstance(saved, str) and os.path.exists(mine):
+        return os.path.realpath(mine) == os.path.realpath(saved)
+    return False
+
+
+def _damaged_checkpoint(what: Path, exc: BaseException, ckpt: Path) -> str:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (f"{what}: damaged checkpoint, cannot be read ({type(exc).__name__}: {reason[:120]}); move {ckpt} "
+            f"away to restart the run from step 0, or choose another --out")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -636,8 +662,17 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
 
     # --- cache, student, compatibility
     cache = open_cache(cfg.cache)
-    model_path = str(ckpt_dir) if resume_state is not None else cfg.student
-    model, tokenizer = _load_student(model_path, cfg.trust_remote_code)
+    cache_id = cache.content_id
+    if resume_state is not None and resume_state.get("cache_id", cache_id) != cache_id:
+        raise TrainError(f"{cfg.cache}: not the cache this run was trained on (its shards differ from the "
+                         f"ones {ckpt_dir} recorded); resume with that cache, or choose another --out")
+    if resume_state is not None:
+        try:
+            model, tokenizer = _load_student(str(ckpt_dir), cfg.trust_remote_code)
+        except Exception as exc:  # safetensors/transformers errors of a damaged directory vary
+            raise TrainError(_damaged_checkpoint(ckpt_dir, exc, ckpt_dir)) from None
+    else:
+        model, tokenizer = _load_student(cfg.student, cfg.trust_remote_code)
     check_compatible(cfg.student, model, tokenizer, cache)
     log(f"amid train: config {json.dumps(cfg.to_dict())}")
     amp_dtype = resolve_dtype(cfg.dtype, device)
@@ -766,11 +801,11 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             "step": step, "tokens": tokens, "position": position.to_dict(), "total_steps": total_steps,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": rngs[0], "config": cfg.to_dict(), "amid_version": __version__, "world_size": ranks.world,
-            **({"rng_ranks": rngs} if ranks.world > 1 else {}),
+            "cache_id": cache_id, **({"rng_ranks": rngs} if ranks.world > 1 else {}),
         })
 
     last_saved = resume_state["step"] if resume_state is not None else None
-    first_eval = run_eval() if resume_state is None else None
+    first_eval = run_eval() if resume_state is None else _initial_eval(out)
     last_eval, last_eval_step = first_eval, (0 if first_eval else None)
     loader = Loader(cache, plan, pad_id, start=position, epochs=loader_epochs, num_workers=cfg.num_workers,
                     pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world)
@@ -883,7 +918,7 @@ def _rebuilt_summary(out: Path, state: dict[str, Any], total_steps: int, world: 
         return {k: v for k, v in record.items() if k != "step"}
 
     evals = [r for r in records if "eval_kl" in r]
-    first = next((values(r) for r in evals if r["step"] == 0), None)
+    first = _initial_eval(out, records)
     last = values(evals[-1]) if evals and evals[-1]["step"] == state["step"] else None
     losses = [r["loss"] for r in records if "loss" in r]
     return {
@@ -891,6 +926,13 @@ def _rebuilt_summary(out: Path, state: dict[str, Any], total_steps: int, world: 
         "train_tokens": state["tokens"], "train_loss": losses[-1] if losses else float("nan"), **(last or {}),
         "initial_eval": first, "eval": last, "wall_s": None, "world_size": world,
     }
+
+
+def _initial_eval(out: Path, records: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The step-0 evaluation a resumed run made before its first step, from its metrics log."""
+    records = read_metrics(out / "metrics.jsonl") if records is None else records
+    return next(({k: v for k, v in r.items() if k != "step"} for r in records if r["step"] == 0 and "eval_kl" in r),
+                None)
 
 
 def _epoch_fraction(plan: Plan, pos: Position) -> float:

@@ -548,6 +548,81 @@ def test_open_cache_refuses_other_format_versions(gpt2_cache, tmp_path, version,
     assert res.exit_code == 1 and needle in res.stderr and "Traceback" not in res.output
 
 
+def _drop_files_of_shard_0(m):
+    del m["shards"][0]["files"]
+    return m
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda m: [], "not a JSON object"),
+    (lambda m: {k: v for k, v in m.items() if k != "shards"}, "no 'shards'"),
+    (_drop_files_of_shard_0, "shard 0 does not list"),
+    (lambda m: {**m, "tokenizer": "x"}, "'tokenizer' is"),
+    (lambda m: {**m, "k": "x"}, "'k' is"),
+    (lambda m: {**m, "counts": {**m["counts"], "examples": None}}, "counts.examples"),
+])
+def test_malformed_manifest_is_refused_in_one_line(gpt2_cache, tmp_path, edit, needle):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(gpt2_cache, out)
+    (out / "manifest.json").write_text(json.dumps(edit(json.loads((out / "manifest.json").read_text()))))
+    with pytest.raises(CacheError, match=needle):
+        open_cache(out)
+    res = CliRunner().invoke(cli, ["cache-info", str(out), "--verify"])
+    assert res.exit_code == 1 and "Traceback" not in res.output and isinstance(res.exception, SystemExit)
+    assert res.stderr.startswith(f"Error: {out / 'manifest.json'}") and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_checksum_messages_say_what_differs(gpt2_cache, tmp_path):
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(gpt2_cache, out)
+    victim = out / "topk" / "shard-000000.parquet"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="does not match its sha256 in the manifest"):
+        open_cache(out).check()
+    victim.write_bytes(bytes(data[:-3]))
+    with pytest.raises(CacheError, match=f"is {len(data) - 3:,} bytes, the manifest says {len(data):,}"):
+        open_cache(out).check()
+
+
+def test_shards_of_an_earlier_cache_are_removed_and_flagged(teachers, data_files, gpt2_cache, tmp_path):
+    # A cache directory whose manifest and progress were deleted, then filled with another cache
+    # (fewer shards): the earlier shards must not stay beside the new ones.
+    import shutil
+
+    out = tmp_path / "cache"
+    shutil.copytree(gpt2_cache, out)
+    before = len(list((out / "topk").glob("*.parquet")))
+    for f in [out / "manifest.json", *out.glob("progress-rank*.json")]:
+        f.unlink()
+    run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), out=str(out),
+              examples_per_shard=16, batch_size=3)
+    cache = open_cache(out)
+    assert len(cache.shards) < before
+    for part in ("examples", "topk"):
+        assert sorted(f.name for f in (out / part).glob("*.parquet")) == sorted(
+            Path(r["files"][part]["file"]).name for r in cache.shards)
+    assert cache.check()["shards"] == len(cache.shards)
+    shutil.copy(gpt2_cache / "topk" / "shard-000002.parquet", out / "topk" / "shard-000002.parquet")
+    with pytest.raises(CacheError, match="topk/shard-000002.parquet: no shard of .* lists it"):
+        open_cache(out).check()
+
+
+def test_content_id_follows_the_shards_not_the_path(gpt2_cache, teachers, data_files, tmp_path):
+    import shutil
+
+    shutil.copytree(gpt2_cache, tmp_path / "moved")
+    assert open_cache(tmp_path / "moved").content_id == open_cache(gpt2_cache).content_id
+    run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), out=str(tmp_path / "relaid"),
+              examples_per_shard=5, batch_size=3)
+    assert open_cache(tmp_path / "relaid").content_id != open_cache(gpt2_cache).content_id
+
+
 def test_open_cache_refuses_non_cache_and_incomplete(tmp_path):
     with pytest.raises(CacheError, match="not an amid cache"):
         open_cache(tmp_path)
@@ -594,7 +669,7 @@ def test_refusals_leave_no_output(teachers, tmp_path):
 
     long = write_jsonl(tmp_path / "long.jsonl", instruction_records(6, seed=3))
     msg = _refused([*base, "--data", str(long), "--max-length", "20"], "--max-length", "--overflow")
-    assert "record" in msg
+    assert "long.jsonl:1: the example has" in msg
 
     assert not out.exists(), "a refusal must not create the output directory"
 

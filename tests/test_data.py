@@ -159,7 +159,7 @@ def test_max_length_error_truncate_skip(tok):
             {"prompt": "A much longer prompt that goes on and on.\n", "response": "And a long response too."}]
     n_long = len(enc(tok, recs[1]["prompt"] + recs[1]["response"])) + 1
     limit = n_long - 5
-    with pytest.raises(DataError, match=r"record 1 has \d+ tokens, more than --max-length"):
+    with pytest.raises(DataError, match=r"src record 2: the example has \d+ tokens, more than --max-length"):
         build_examples(recs, tok, TemplateConfig(max_length=limit), "src")
     exs, stats, _ = build_examples(recs, tok, TemplateConfig(max_length=limit, overflow="skip"), "src")
     assert [e.example_id for e in exs] == [0] and stats.skipped_too_long == 1
@@ -291,3 +291,38 @@ def test_encode_topk_sorts_ids_and_keeps_pairs():
         pairs = dict(zip(ids[i].tolist(), round_logprobs(lps[i]).tolist()))
         assert dict(zip(e_ids[i].tolist(), e_lps[i].tolist())) == pairs
     assert encode_topk(ids % 50257, lps, 50257)[0].dtype == np.uint16
+
+
+def test_records_know_their_file_and_line(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_bytes('\ufeff{"prompt": "p0", "response": "r0"}\n\n{"prompt": "p1", "response": "r1"}\n'.encode())
+    records = load_records(str(f))
+    assert [r["prompt"] for r in records] == ["p0", "p1"]
+    assert [records.where(i) for i in range(2)] == [f"{f}:1", f"{f}:3"]
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "x.jsonl", [{"prompt": "a", "response": "b"}])
+    (d / "y.json").write_text(json.dumps([{"prompt": "c", "response": "d"}] * 2))
+    records = load_records(str(d))
+    assert [records.where(i) for i in range(3)] == [f"{d / 'x.jsonl'}:1", f"{d / 'y.json'} (element 0)",
+                                                   f"{d / 'y.json'} (element 1)"]
+    assert load_records(str(f), limit=1).where(0) == f"{f}:1"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=rf"{bad}:2: not UTF-8 text \(byte 0xff at column 13\)"):
+        load_records(str(bad))
+
+
+def test_records_without_a_response_are_skipped_and_counted(tok, tmp_path):
+    f = tmp_path / "r.jsonl"
+    write_jsonl(f, [{"prompt": "a", "response": "yes"}, {"prompt": "b"}, {"prompt": "c", "response": None},
+                    {"prompt": "d", "response": "  "}, {"prompt": "e", "response": "no"}])
+    examples, stats, template = build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
+    assert template == "plain" and [e.example_id for e in examples] == [0, 4]
+    assert stats.skipped_empty == 3 and stats.first_empty == f"{f}:2"
+    write_jsonl(f, [{"prompt": "a", "response": "yes"}, {"prompt": "b", "response": ["x"]}])
+    with pytest.raises(DataError, match=rf"{f}:2: field 'response' holds a list, not text"):
+        build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
+    write_jsonl(f, [{"prompt": "a", "response": 42}])  # a number (CSV columns) is text
+    (ex,), _, _ = build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
+    assert enc(tok, "42")[0] in ex.input_ids

@@ -294,10 +294,45 @@ def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypat
         lm_b = {m["step"]: m["lm_loss"] for m in metrics(tmp_path / "resumed") if "lm_loss" in m}
         assert sorted(lm_a) == list(range(1, 9)) and lm_a == pytest.approx(lm_b, abs=1e-6)
     assert resumed["eval"]["eval_kl"] == pytest.approx(whole["eval"]["eval_kl"], abs=1e-6)
+    assert resumed["initial_eval"] == pytest.approx(whole["initial_eval"], abs=1e-6)  # from the metrics log
     evals = [m["step"] for m in metrics(tmp_path / "resumed") if "eval_kl" in m]
     assert evals == [0, 4, 8]
     with pytest.raises(TrainError, match="different lr"):
         train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3}), log=quiet)
+
+
+def test_resume_checks_the_cache_by_content_and_the_run_by_location(world, tmp_path):
+    # A moved cache and another spelling of --out resume; another cache under the old name, or a
+    # damaged checkpoint, are refused in one line before any step.
+    import shutil
+
+    train(config(world, tmp_path / "run", max_steps=2, save_every=2), log=quiet)
+    shutil.copytree(world["cache"], tmp_path / "moved")
+    other_spelling = str(tmp_path / "elsewhere" / ".." / "run")
+    (tmp_path / "elsewhere").mkdir()
+    train(config(world, other_spelling, cache=str(tmp_path / "moved"), max_steps=3, save_every=3, resume=True),
+          log=quiet)
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3]
+
+    shutil.rmtree(tmp_path / "moved")  # another cache of the same data, in other shards, under that name
+    cache_teacher(CacheConfig(teacher=world["teacher"], data=str(world["root"] / "data.jsonl"),
+                              out=str(tmp_path / "moved"), top_k=8, max_length=64, examples_per_shard=40,
+                              device="cpu"), progress=False, log=quiet)
+    with pytest.raises(TrainError, match="not the cache this run was trained on"):
+        train(config(world, tmp_path / "run", cache=str(tmp_path / "moved"), max_steps=4, resume=True), log=quiet)
+
+    state = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    good = state.read_bytes()
+    for damaged in (b"garbage\n", good[: len(good) // 2]):
+        state.write_bytes(damaged)
+        with pytest.raises(TrainError, match="trainer_state.pt: damaged checkpoint") as err:
+            train(config(world, tmp_path / "run", max_steps=4, resume=True), log=quiet)
+        assert "\n" not in str(err.value)
+    state.write_bytes(good)
+    weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(TrainError, match="checkpoint: damaged checkpoint"):
+        train(config(world, tmp_path / "run", max_steps=4, resume=True), log=quiet)
 
 
 def test_a_run_killed_after_its_last_checkpoint_finishes_its_writes(world, tmp_path):
