@@ -112,6 +112,16 @@ def model_identity(name_or_path: str, model) -> dict[str, Any]:
     return ident
 
 
+def _same_spelling(mine: str, theirs: Any) -> str:
+    """`theirs` where both name one existing file or directory (relative vs absolute, a symlink):
+    the cache's identity keeps the spelling it was started with. The contents are compared by
+    hash (weights, tokenized examples) either way."""
+    if (isinstance(theirs, str) and theirs != mine and os.path.exists(mine) and os.path.exists(theirs)
+            and os.path.samefile(mine, theirs)):
+        return theirs
+    return mine
+
+
 def architecture(model) -> dict[str, Any]:
     """The model's config as the manifest records it (JSON types): the architecture, not how it
     was loaded (the dtype the forward runs in is recorded separately)."""
@@ -210,10 +220,18 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     # How the values were computed belongs to the identity: a resume with another --dtype (or by an
     # amid that computes the head differently) must not mix its shards with these.
     teacher_dtype = str(dtype).replace("torch.", "")
+    teacher_ident = {**model_identity(cfg.teacher, model), "dtype": teacher_dtype, "logits": logits.mode}
+    # Foreign entries are listed before the header is read: under torchrun another rank may create
+    # its first progress file in between, and an entry that appears after must not look foreign.
+    foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
+    old = existing_header(out) if out.exists() else None
+    if old is not None:  # a rerun may spell the same data file or teacher directory another way
+        data_ident["source"] = _same_spelling(data_ident["source"], (old.get("data") or {}).get("source"))
+        teacher_ident["name_or_path"] = _same_spelling(teacher_ident["name_or_path"],
+                                                       (old.get("teacher") or {}).get("name_or_path"))
     header = make_header(
-        teacher={**model_identity(cfg.teacher, model), "dtype": teacher_dtype, "logits": logits.mode},
-        tokenizer=tokenizer_identity(tokenizer), k=min(cfg.top_k, vocab_size), temperature=cfg.temperature,
-        data=data_ident, vocab_size=vocab_size,
+        teacher=teacher_ident, tokenizer=tokenizer_identity(tokenizer), k=min(cfg.top_k, vocab_size),
+        temperature=cfg.temperature, data=data_ident, vocab_size=vocab_size,
     )
     header["config"] = dataclasses.asdict(cfg)
     header["amid_version"] = __version__
@@ -221,10 +239,6 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     header["teacher_logits"] = logits.mode
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    # Listed before the header is read: under torchrun another rank may create its first progress
-    # file in between, and an entry that appears after the listing must not look foreign.
-    foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
-    old = existing_header(out) if out.exists() else None
     if old is not None and old.get("fingerprint") != header["fingerprint"]:
         raise CacheError(mismatch_message(out, old, header))
     if old is not None and (out / MANIFEST).exists():

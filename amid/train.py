@@ -318,7 +318,10 @@ def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> Onl
     if "config" in theirs and architecture(model) != theirs["config"]:
         raise TrainError(f"teacher {name} is not the cache's teacher ({theirs.get('name_or_path')}): its "
                          f"architecture differs from the one in {cache.path / 'manifest.json'}")
-    if os.path.normpath(name) != os.path.normpath(theirs.get("name_or_path", name)):
+    recorded = theirs.get("name_or_path", name)
+    same = os.path.normpath(name) == os.path.normpath(recorded) or (
+        os.path.exists(name) and os.path.exists(recorded) and os.path.samefile(name, recorded))
+    if not same:
         log(f"note: teacher {name} is not the name the cache {cache.path} was made with "
             f"({theirs.get('name_or_path')}); its weights are taken to be that teacher's")
     return OnlineTeacher(model, float(m.get("temperature", 1.0)))

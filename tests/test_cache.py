@@ -856,3 +856,23 @@ def test_teacher_topk_matches_float64(dtype, temperature, monkeypatch):
     ids_all, lps_all, tail_all = teacher_topk(logits[:2, :9], 16)  # k ≥ V: every entry, no tail
     assert ids_all.shape == (2, 9) and torch.isneginf(tail_all).all()
     torch.testing.assert_close(lps_all.exp().sum(dim=-1), torch.ones(2), rtol=0, atol=1e-6)
+
+
+def test_another_spelling_of_the_same_data_and_teacher_is_the_same_cache(teachers, data_files, tmp_path, monkeypatch):
+    # Started with relative paths, rerun with absolute ones (or through a symlink): the same cache,
+    # not "a different data"; the manifest keeps the spelling it was started with.
+    import shutil
+
+    shutil.copy(data_files["instruction"], tmp_path / "inst.jsonl")
+    (tmp_path / "teacher-link").symlink_to(teachers["gpt2"], target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    first = run_cache(teacher="teacher-link", data="inst.jsonl", out="cache", examples_per_shard=4, batch_size=3)
+    logs = []
+    again = cache_teacher(CacheConfig(teacher=str(teachers["gpt2"]), data=str(tmp_path / "inst.jsonl"),
+                                      out=str(tmp_path / "cache"), examples_per_shard=4, batch_size=3),
+                          progress=False, log=logs.append)
+    assert any("already complete" in m for m in logs) and again["fingerprint"] == first["fingerprint"]
+    assert again["data"]["source"] == "inst.jsonl" and again["teacher"]["name_or_path"] == "teacher-link"
+    (tmp_path / "other.jsonl").write_text((tmp_path / "inst.jsonl").read_text())  # equal bytes, another file
+    with pytest.raises(CacheError, match="different data"):
+        run_cache(teacher="teacher-link", data="other.jsonl", out="cache", examples_per_shard=4, batch_size=3)
