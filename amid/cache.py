@@ -374,7 +374,18 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
         return (f"{directory} holds a cache computed with the teacher in {old_t.get('dtype')} ({old_t.get('logits')} "
                 f"logits), this run computes {new_t.get('dtype')} ({new_t.get('logits')} logits); rerun with the same "
                 f"--dtype, or choose another --out directory")
-    diffs = [key for key in ("teacher", "tokenizer", "k", "temperature", "data") if old.get(key) != new.get(key)]
+    diffs = []
+    for key in ("teacher", "tokenizer", "k", "temperature", "data"):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key == "data" and isinstance(a, dict) and isinstance(b, dict):  # name the settings that changed
+            parts = [f"{f} {a.get(f)!r} -> {b.get(f)!r}" for f in sorted({*a, *b})
+                     if a.get(f) != b.get(f) and f != "examples_sha256"]
+            parts += ["the examples' content"] if a.get("examples_sha256") != b.get("examples_sha256") else []
+            diffs.append(f"data ({'; '.join(parts)})")
+        else:
+            diffs.append(key)
     what = ", ".join(diffs) if diffs else "settings"
     return (
         f"{directory} holds a cache made with a different {what}; choose another --out directory "

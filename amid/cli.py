@@ -83,7 +83,7 @@ def main() -> None:
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--split", default="train", show_default=True, help="Split of a datasets name.")
-@click.option("--limit", type=int, default=None, help="Use only the first N records.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
 @click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per shard, at most.")
 @click.option("--positions-per-shard", default=262_144, show_default=True,
               help="Target positions per shard, at most (bounds the memory of reading one shard).")
@@ -143,7 +143,8 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
         ("data", f"{m['data']['source']} (template {m['data']['template']})"),
         ("examples", c["examples"]),
         ("target positions", c["positions"]),
-        ("truncated / skipped", f"{c.get('truncated', 0)} / {c.get('skipped_too_long', 0) + c.get('skipped_no_target', 0)}"),
+        ("truncated / too long / no target", f"{c.get('truncated', 0)} / {c.get('skipped_too_long', 0)} / "
+                                             f"{c.get('skipped_no_target', 0)}"),
         ("shards", len(m["shards"])),
         ("size", f"{c['bytes'] / 1e6:.2f} MB ({c['bytes_per_position']:.1f} B/position)"),
         ("mean tail mass", f"{c['mean_tail_mass']:.4f}"),
@@ -196,19 +197,29 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
     """
     from amid.sweep import SweepConfig, run_sweep
 
+    from amid.sweep import expand_grid, failed_runs
+
+    # KEY is a field of amid train's config.json or one of its flags (--warmup, max-steps, ...).
+    flags = {opt.lstrip("-").replace("-", "_"): p.name for p in train_cmd.params for opt in p.opts}
     overrides = {}
     for item in train_args:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"--train-arg needs KEY=VALUE, got {item!r}")
+        key = key.strip().lstrip("-").replace("-", "_")
+        key = flags.get(key, key)
         try:
-            overrides[key.strip()] = json.loads(value)
+            overrides[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key.strip()] = value
+            overrides[key] = value
     cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas), lams=_floats(lams),
                       divergences=_words(divergences), orders=_words(orders), devices=_words(devices),
                       train_overrides=overrides, **options)
     click.echo(run_sweep(cfg, log=lambda m: click.echo(m, err=True)))
+    failed = failed_runs(cfg)
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(expand_grid(cfg))} runs failed ({', '.join(failed[:5])}"
+                                   f"{', ...' if len(failed) > 5 else ''}); see {cfg.out}/results.md and each run's log.txt")
 
 
 @main.command("eval")
@@ -219,7 +230,7 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--max-length", default=1024, show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N records.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--rouge", is_flag=True, help="Also sample responses and score ROUGE-L (instruction data).")
 @click.option("--seeds", default="10,20,30,40,50", show_default=True, help="Sampling seeds for ROUGE-L (mean reported).")
 @click.option("--max-new-tokens", default=256, show_default=True)

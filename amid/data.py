@@ -296,6 +296,11 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
     learn: empty text, or an instruction record with an empty response (its only target would
     be the closing EOS)."""
     prompt, target = _split(record, template, cfg, where)
+    eos_text = getattr(tokenizer, "eos_token", None)
+    if eos_text and template != "text" and (cfg.add_eos or template == "chat") and target.rstrip().endswith(eos_text):
+        # Responses that end in the EOS token's text (MiniLLM's processed Dolly does): the template
+        # closes the response with the EOS id itself, so the literal one would be a second EOS.
+        target = target.rstrip()[: -len(eos_text)]
     if not target.strip():
         return None
     if template == "chat":

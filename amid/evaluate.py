@@ -5,6 +5,7 @@ the trainer (`amid.train`), which owns that split.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -15,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, load_records
+from amid.heads import context_length
 from amid.loader import pad_right
 
 __all__ = ["rouge_l", "rouge_tokens", "perplexity", "generate_rouge", "EvalConfig", "evaluate"]
@@ -55,7 +57,10 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
                batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, float]:
     """Cross-entropy and perplexity of the model on the target tokens of a dataset."""
     records = load_records(source, limit=limit)
-    examples, _, _ = build_examples(records, tokenizer, template, source)
+    context = context_length(model)
+    if context and template.max_length > context:  # longer inputs would index past the positions
+        template = dataclasses.replace(template, max_length=context)
+    examples, stats, _ = build_examples(records, tokenizer, template, source)
     total_nll, total_tokens = 0.0, 0
     model.eval()
     for i in range(0, len(examples), batch_size):
@@ -68,7 +73,9 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
             total_nll += torch.nn.functional.cross_entropy(logits[j, pos], targets, reduction="sum").item()
             total_tokens += len(e.positions)
     ce = total_nll / max(total_tokens, 1)
-    return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": total_tokens}
+    return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": total_tokens, "examples": len(examples),
+            "truncated": stats.truncated, "skipped_no_target": stats.skipped_empty,
+            "max_length": template.max_length}
 
 
 @torch.no_grad()
@@ -151,15 +158,17 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if (path / sub / "config.json").exists():
             path = path / sub
             break
-    from amid.teacher import resolve_device
+    from amid.teacher import check_model_name, resolve_device
 
+    check_model_name(cfg.model, "--model")
     device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else cfg.model)
     model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.model).to(device)
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
                               response_field=cfg.response_field, text_field=cfg.text_field,
                               max_length=cfg.max_length, overflow="truncate")
-    result: dict[str, Any] = {"model": cfg.model, "data": cfg.data}
+    result: dict[str, Any] = {"model": cfg.model, "model_dir": str(path) if path.exists() else cfg.model,
+                              "data": cfg.data}
     result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device))
     if cfg.rouge:
         save = Path(cfg.out) / "generations.jsonl" if cfg.out else None

@@ -22,7 +22,7 @@ from typing import Any
 from amid.cache import write_json_atomic
 from amid.distributed import world_from_env
 
-__all__ = ["SweepConfig", "expand_grid", "run_sweep"]
+__all__ = ["SweepConfig", "expand_grid", "run_sweep", "failed_runs"]
 
 # Presets whose objective does not depend on α (they fix their own mixture or have none).
 ALPHA_FREE = {"kd", "rkl", "skl", "srkl", "gkd", "taid", "abkd", "ce"}
@@ -109,28 +109,82 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
         raise ValueError("amid sweep starts its own processes, one run per --devices entry; run it without "
                          "torchrun (train one run on several GPUs with torchrun ... amid.cli train)")
     out = Path(cfg.out)
+    runs = expand_grid(cfg)
+    specs = {run["name"]: json.loads(json.dumps(_spec(cfg, run))) for run in runs}
+    _check(cfg, runs, specs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    runs = expand_grid(cfg)
     pending = []
     for run in runs:
         d = _run_dir(cfg, run["name"])
-        spec = _spec(cfg, run)
-        old_spec = json.loads((d / "sweep_run.json").read_text()) if (d / "sweep_run.json").exists() else None
-        if old_spec is not None and old_spec != json.loads(json.dumps(spec)):
-            # Never mix results of different settings under one name: leave the old run alone.
-            log(f"  {run['name']}: {d} holds a run with other settings; delete it or use another --out")
-            write_json_atomic(d / "result.json", {"status": "failed", "error": "run directory holds other settings"})
-            continue
+        spec = specs[run["name"]]
+        old_spec = _old_spec(d)
         result = d / "result.json"
-        if result.exists() and json.loads(result.read_text()).get("status") == "ok":
+        if old_spec == spec and result.exists() and json.loads(result.read_text()).get("status") == "ok":
             continue
+        # Same training, other evaluation settings (checked in _check): the run resumes at its last
+        # step, trains nothing and is evaluated again.
         d.mkdir(parents=True, exist_ok=True)
         write_json_atomic(d / "sweep_run.json", spec)
         pending.append(run)
     log(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished, {len(pending)} to run")
     _execute(cfg, pending, log)
     return _report(cfg, runs, log)
+
+
+def _old_spec(d: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((d / "sweep_run.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before any directory is written or any run starts, what would make runs fail for
+    certain: a setting TrainConfig does not know or accept, a missing or damaged cache, a student
+    with another tokenizer, or run directories trained with other settings under the same names."""
+    from amid.cache import open_cache
+    from amid.train import TrainConfig, TrainError, check_tokenizer
+
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(cfg.train_overrides) - known)
+    if unknown:
+        raise ValueError(f"--train-arg {', '.join(unknown)}: not a training setting; the settings are the "
+                         f"fields of amid train's config.json: {', '.join(sorted(known - {'cache', 'student', 'out'}))}")
+    for run in runs:
+        try:
+            TrainConfig(**{**specs[run["name"]]["train"], "resume": True})
+        except ValueError as exc:
+            raise ValueError(f"run {run['name']}: {exc}") from None
+    cache = open_cache(cfg.cache)
+    try:
+        check_tokenizer(cfg.student, cache)
+    except TrainError as exc:
+        raise ValueError(str(exc)) from None
+    clash = []
+    for run in runs:
+        old = _old_spec(_run_dir(cfg, run["name"]))
+        if old is not None and (old.get("train"), old.get("run")) != (specs[run["name"]]["train"], specs[run["name"]]["run"]):
+            changed = sorted(k for k in {*old.get("train", {}), *specs[run["name"]]["train"]}
+                             if old.get("train", {}).get(k) != specs[run["name"]]["train"].get(k))
+            clash.append(f"{run['name']} ({', '.join(changed) or 'loss'})")
+    if clash:
+        raise ValueError(f"{cfg.out}: runs trained with other settings under the same names: {'; '.join(clash)}; "
+                         f"rerun with those settings, delete the runs, or choose another --out")
+
+
+def failed_runs(cfg: SweepConfig) -> list[str]:
+    """Names of the grid's runs whose result is not ok (after `run_sweep`)."""
+    failed = []
+    for run in expand_grid(cfg):
+        result = _run_dir(cfg, run["name"]) / "result.json"
+        try:
+            ok = json.loads(result.read_text()).get("status") == "ok"
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            failed.append(run["name"])
+    return failed
 
 
 def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
@@ -160,8 +214,8 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
             d = _run_dir(cfg, run["name"])
             if proc.returncode != 0 or not (d / "result.json").exists():
                 tail = (d / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                write_json_atomic(d / "result.json", {"status": "failed", "error": tail[0][:300]})
-                log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:120]}); see {d / 'log.txt'}")
+                write_json_atomic(d / "result.json", {"status": "failed", "error": tail[0][:500]})
+                log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:300]}); see {d / 'log.txt'}")
             else:
                 r = json.loads((d / "result.json").read_text())
                 log(f"  [{done}/{len(pending)}] {run['name']}: eval_kl {_num(r.get('eval_kl'), '.4f')}  "

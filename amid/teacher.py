@@ -94,6 +94,14 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
     return {"vocab_sha256": digest, "vocab_size": len(vocab), "special_tokens": specials}
 
 
+def check_model_name(name: str, what: str) -> None:
+    """ValueError for a local-looking model path that does not exist ("./x", "../x", "/x", "~/x"):
+    transformers would take it for a hub name and fail with an unrelated message. Other names
+    ("gpt2", "owner/name") may be hub names and are left to transformers."""
+    if name.startswith(("./", "../", "/", "~", ".\\")) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"{what} {name}: no such local model directory")
+
+
 def model_identity(name_or_path: str, model) -> dict[str, Any]:
     """Teacher identity: name/path, hub revision if any, hash of the local weight files."""
     ident: dict[str, Any] = {"name_or_path": name_or_path}
@@ -184,6 +192,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     start = time.time()
     out = Path(cfg.out)
     rank, _, world = world_from_env()
+    check_model_name(cfg.teacher, "--teacher")
     tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)

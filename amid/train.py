@@ -54,7 +54,7 @@ from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
-from amid.teacher import architecture, resolve_device, resolve_dtype, tokenizer_identity
+from amid.teacher import architecture, check_model_name, resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
 
@@ -72,8 +72,11 @@ CE = LossConfig.preset("ce")  # the plain language-modelling loss on lm_data
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = frozenset(
     {"resume", "progress", "num_workers", "device", "dtype", "fused", "log_every", "eval_every",
-     "save_every", "max_steps", "epochs", "student", "eval_teacher"}
+     "save_every", "max_steps", "epochs", "student", "eval_teacher", "lr", "clip"}
 )
+# Of those, the ones that change the optimisation from the checkpoint on (a note says so): a
+# diverged run is resumed with a lower --lr or a --clip; --max-steps/--epochs move the schedule.
+STEERING_CHANGES = ("lr", "clip", "max_steps", "epochs")
 # Settings added after runs could already be saved, with the value that reproduces a run saved
 # without them: resuming such a run keeps that value (its data plan must not move under it).
 ADDED_SETTINGS = {"shuffle_tokens": None}
@@ -234,6 +237,7 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
 def _load_student(path: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_name(path, "--student")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     # Master weights in float32; bf16/fp16 is autocast's business.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -244,8 +248,13 @@ def _describe_tokenizer(ident: dict[str, Any]) -> str:
     return f"{ident.get('vocab_size')} tokens, vocab sha256 {str(ident.get('vocab_sha256'))[:12]}"
 
 
-def check_compatible(student: str, model, tokenizer, cache: Cache) -> None:
-    """Refuse a student whose tokenizer is not the cache's or whose vocabulary is smaller."""
+def check_tokenizer(student: str, cache: Cache, tokenizer=None, trust_remote_code: bool = False) -> None:
+    """Refuse a student whose tokenizer is not the cache's (compared by vocabulary hash)."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        check_model_name(student, "--student")
+        tokenizer = AutoTokenizer.from_pretrained(student, trust_remote_code=trust_remote_code)
     m = cache.manifest
     mine = tokenizer_identity(tokenizer)
     theirs = m["tokenizer"]
@@ -256,6 +265,12 @@ def check_compatible(student: str, model, tokenizer, cache: Cache) -> None:
             f"{cache.path} of teacher {teacher} ({_describe_tokenizer(theirs)}); distill into a student "
             f"that shares the teacher's tokenizer"
         )
+
+
+def check_compatible(student: str, model, tokenizer, cache: Cache) -> None:
+    """Refuse a student whose tokenizer is not the cache's or whose vocabulary is smaller."""
+    check_tokenizer(student, cache, tokenizer)
+    m = cache.manifest
     student_vocab = _vocab_size(model)
     if student_vocab < int(m["vocab_size"]):
         raise TrainError(
@@ -304,6 +319,7 @@ def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> Onl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = cache.manifest
+    check_model_name(name, "teacher")
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     if tokenizer_identity(tokenizer) != m["tokenizer"]:
         raise TrainError(f"teacher {name} has a different tokenizer than the cache {cache.path}")
@@ -463,6 +479,18 @@ def _check_eval_cache(cache: Cache, eval_cache: Cache) -> None:
     if theirs != mine:
         raise TrainError(f"eval cache {eval_cache.path} was made at temperature {theirs}, {cache.path} at {mine}; "
                          f"cache the held-out data at the training cache's temperature")
+    # The same teacher: its weights (a hash, for a local teacher) and architecture; the dtype it
+    # ran in may differ. A hub teacher without a weight hash is known by its name and revision.
+    def teacher(c: Cache) -> dict[str, Any]:
+        t = c.manifest.get("teacher") or {}
+        keys = ("weights_sha256", "config", "revision") if "weights_sha256" in t else ("name_or_path", "revision", "config")
+        return {k: t.get(k) for k in keys}
+
+    if teacher(eval_cache) != teacher(cache):
+        raise TrainError(f"eval cache {eval_cache.path} was made by another teacher "
+                         f"({(eval_cache.manifest.get('teacher') or {}).get('name_or_path')}) than {cache.path} "
+                         f"({(cache.manifest.get('teacher') or {}).get('name_or_path')}); its KL would be to that "
+                         f"teacher: cache the held-out data with the training cache's teacher")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,6 +565,9 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
             stale.unlink(missing_ok=True)
     ranks.barrier()
     has_ckpt = (ckpt / STATE_FILE).exists()
+    if _foreign_dir(out):
+        raise TrainError(f"{out}: holds a model or a cache, not an amid run (its config.json or manifest.json "
+                         f"would be overwritten); choose an empty or new --out")
     if not cfg.resume:
         if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoint", "final")):
             raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -572,7 +603,26 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
             f"settings (see {out / 'config.json'}) or choose another --out"
         )
     state["legacy"] = {k: v for k, v in legacy.items() if getattr(cfg, k) != v}
+    steered = [f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in STEERING_CHANGES if saved.get(k) != getattr(cfg, k)]
+    if steered:
+        log(f"note: resuming {out} with {', '.join(steered)}: from step {state['step']} on the run follows the new "
+            f"settings (the learning-rate schedule is a function of the step and the total), so it no longer "
+            f"equals an uninterrupted run")
     return state
+
+
+def _foreign_dir(path: Path) -> bool:
+    """Whether `path` is a model directory or a cache (a config.json that is not a TrainConfig's,
+    or a cache manifest): a run written there would overwrite what makes it one."""
+    if (path / "manifest.json").exists():
+        return True
+    if not (path / "config.json").exists():
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(config, dict) and {"cache", "student", "out"} <= set(config))
 
 
 def _same_setting(mine: Any, saved: Any) -> bool:
@@ -710,6 +760,13 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     else:
         eval_cache, eval_metas = cache, metas
         train_rows, eval_rows = split(metas, cfg.eval_fraction, cfg.eval_max_examples)
+    context = context_length(model)
+    for source, source_metas in ((cfg.cache, metas), (cfg.eval_cache, eval_metas)):
+        longest = max((int(m.lengths.max()) for m in source_metas if len(m.lengths)), default=0)
+        if source and context and longest > context:
+            raise TrainError(f"{source}: examples of up to {longest} tokens, but the student {cfg.student} has a "
+                             f"context of {context} positions; cache the data with --max-length {context} (or "
+                             f"pick a student with a longer context)")
     plan = Plan(metas, train_rows, cfg.seed, cfg.batch_size, cfg.max_tokens, cfg.shuffle_buffer, cfg.shuffle_tokens)
     if plan.examples == 0:
         raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")

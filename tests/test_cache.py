@@ -876,3 +876,26 @@ def test_another_spelling_of_the_same_data_and_teacher_is_the_same_cache(teacher
     (tmp_path / "other.jsonl").write_text((tmp_path / "inst.jsonl").read_text())  # equal bytes, another file
     with pytest.raises(CacheError, match="different data"):
         run_cache(teacher="teacher-link", data="other.jsonl", out="cache", examples_per_shard=4, batch_size=3)
+
+
+def test_refusal_names_the_data_setting_that_changed(teachers, data_files, gpt2_cache):
+    with pytest.raises(CacheError, match=r"different data \(examples_per_shard 4 -> 16\)"):
+        run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), out=str(gpt2_cache),
+                  examples_per_shard=16, batch_size=3)
+    res = CliRunner().invoke(cli, ["cache-teacher", "--teacher", str(teachers["gpt2"]), "--data",
+                                   str(data_files["instruction"]), "--out", str(gpt2_cache), "--limit", "-3"])
+    assert res.exit_code == 2 and "--limit" in res.output
+
+
+def test_a_missing_local_model_directory_is_named(tmp_path, data_files):
+    from amid.teacher import check_model_name
+
+    for name in ("./nope", str(tmp_path / "nope"), "../nope", "~/nope-amid"):
+        with pytest.raises(ValueError, match=f"--teacher {name}: no such local model directory"):
+            check_model_name(name, "--teacher")
+    check_model_name("gpt2", "--teacher")  # a hub name: left to transformers
+    check_model_name("owner/name", "--teacher")
+    check_model_name(str(tmp_path), "--teacher")
+    res = CliRunner().invoke(cli, ["cache-teacher", "--teacher", "./nope", "--data", str(data_files["text"]),
+                                   "--out", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "no such local model directory" in res.stderr and not (tmp_path / "c").exists()

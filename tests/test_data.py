@@ -326,3 +326,24 @@ def test_records_without_a_response_are_skipped_and_counted(tok, tmp_path):
     write_jsonl(f, [{"prompt": "a", "response": 42}])  # a number (CSV columns) is text
     (ex,), _, _ = build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
     assert enc(tok, "42")[0] in ex.input_ids
+
+
+def test_a_response_ending_in_the_eos_text_gets_one_eos(tok, tok_chat):
+    eos = tok.eos_token
+    plain = {"prompt": "Q?\n", "response": "Paris."}
+    literal = {"prompt": "Q?\n", "response": f"Paris.{eos}\n"}
+    (a,), _, _ = build_examples([plain], tok, TemplateConfig(), "mem")
+    (b,), _, _ = build_examples([literal], tok, TemplateConfig(), "mem")
+    assert b.input_ids == a.input_ids and targets(b)[-1] == tok.eos_token_id
+    assert targets(b).count(tok.eos_token_id) == 1
+    (c,), _, _ = build_examples([plain], tok_chat, TemplateConfig(template="chat"), "mem")
+    (d,), _, _ = build_examples([{**literal, "response": f"Paris.{tok_chat.eos_token}"}], tok_chat,
+                                TemplateConfig(template="chat"), "mem")
+    assert d.input_ids == c.input_ids
+    # Without a closing EOS (add_eos=False) the text is the user's own ending: kept.
+    (e,), _, _ = build_examples([literal], tok, TemplateConfig(add_eos=False), "mem")
+    assert targets(e).count(tok.eos_token_id) == 1 and targets(e)[-1] != tok.eos_token_id
+    # In the middle of a response, or in plain text, it is text like any other.
+    mid = {"prompt": "Q?\n", "response": f"a{eos}b"}
+    (f,), _, _ = build_examples([mid], tok, TemplateConfig(), "mem")
+    assert targets(f).count(tok.eos_token_id) == 2

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
-from amid.sweep import SweepConfig, expand_grid, run_sweep
+from amid.sweep import SweepConfig, expand_grid, failed_runs, run_sweep
 from test_train import world  # noqa: F401  (the shared tiny teacher/cache/student fixture)
 
 TRAIN = {"max_steps": 3, "batch_size": 8, "lr": 5e-3, "warmup_steps": 0, "eval_fraction": 0.2,
@@ -53,16 +55,39 @@ def test_sweep_runs_skips_finished_and_records_failures(world, tmp_path):  # noq
     assert (out / "runs" / "amid_a0.5_l0.1_kl_pr" / "result.json").read_text() == kept
     assert _rows(out)["kd"]["status"] == "ok"
 
-    # A run that fails (λ out of range) is recorded; the others are unaffected.
-    bad = SweepConfig(cache=world["cache"], student=world["student"], out=str(out), presets=("kd", "amid"),
-                      alphas=(0.5,), lams=(0.1, 2.0), train_overrides=TRAIN)
-    run_sweep(bad, log=messages.append)
+    # Settings that would fail every time are refused before anything is written or started.
+    before = (out / "results.csv").read_text()
+    for bad, needle in [(dict(lams=(0.1, 2.0)), "run amid_a0.5_l2_kl_pr: .*lam"),
+                        (dict(presets=("kd", "foo")), "run foo.*unknown preset"),
+                        (dict(train_overrides={**TRAIN, "max_step": 20}), "--train-arg max_step: not a training setting"),
+                        (dict(train_overrides={**TRAIN, "lr": 1e-4}), "trained with other settings.*kd \\(lr\\)"),
+                        (dict(cache=str(tmp_path / "nope")), "not an amid cache")]:
+        with pytest.raises((ValueError, RuntimeError), match=needle):
+            run_sweep(dataclasses.replace(cfg, **bad), log=messages.append)
+    assert (out / "results.csv").read_text() == before and not (out / "runs" / "amid_a0.5_l2_kl_pr").exists()
+
+    # A run that fails while it runs (its directory holds a model, which train refuses to
+    # overwrite) is recorded; the others are unaffected, and failed_runs names it.
+    grid = dataclasses.replace(cfg, alphas=(0.5, 1.0))
+    (out / "runs" / "amid_a1_l0.1_kl_pr").mkdir()
+    (out / "runs" / "amid_a1_l0.1_kl_pr" / "config.json").write_text('{"model_type": "llama"}')
+    run_sweep(grid, log=messages.append)
     rows = _rows(out)
-    assert rows["amid_a0.5_l2_kl_pr"]["status"] == "failed"
-    assert "lam" in rows["amid_a0.5_l2_kl_pr"]["error"]
-    assert rows["kd"]["status"] == "ok"
-    result = json.loads((out / "runs" / "amid_a0.5_l2_kl_pr" / "result.json").read_text())
-    assert result["status"] == "failed"
+    assert rows["amid_a1_l0.1_kl_pr"]["status"] == "failed"
+    assert "not an amid run" in rows["amid_a1_l0.1_kl_pr"]["error"]
+    assert rows["kd"]["status"] == rows["amid_a0.5_l0.1_kl_pr"]["status"] == "ok"
+    assert failed_runs(grid) == ["amid_a1_l0.1_kl_pr"]
+
+    # Other evaluation settings only: the finished runs are evaluated again, not retrained.
+    kd_log = (out / "runs" / "kd" / "metrics.jsonl").read_text()
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text((Path(world["root"]) / "data.jsonl").read_text())
+    messages.clear()
+    run_sweep(dataclasses.replace(cfg, eval_data=str(extra)), log=messages.append)
+    assert any("0 already finished, 3 to run" in m for m in messages)
+    rows = _rows(out)
+    assert all(r["status"] == "ok" and float(r["test_ppl"]) > 1 for r in rows.values()), rows
+    assert (out / "runs" / "kd" / "metrics.jsonl").read_text() == kd_log
 
 
 def test_sweep_under_torchrun_is_refused(tmp_path, monkeypatch):
@@ -70,3 +95,17 @@ def test_sweep_under_torchrun_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="without torchrun"):
         run_sweep(SweepConfig(cache="c", student="s", out=str(tmp_path / "sweep")), log=lambda m: None)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_cli_takes_train_flags_as_keys_and_refuses_before_writing(world, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from amid.cli import main
+
+    out = tmp_path / "sweep"
+    base = ["sweep", "--cache", world["cache"], "--student", world["student"], "--out", str(out), "--preset", "kd"]
+    res = CliRunner().invoke(main, [*base, "--train-arg", "max-steps=0"])  # the flag's spelling, not the field's
+    assert res.exit_code == 1 and "--max-steps must be at least 1" in res.stderr and "Traceback" not in res.output
+    res = CliRunner().invoke(main, [*base, "--train-arg", "--warmup=-1"])  # --warmup is the field warmup_steps
+    assert res.exit_code == 1 and "--warmup must be at least 0" in res.stderr
+    assert not out.exists()

@@ -236,6 +236,18 @@ def test_eval_cache_at_another_temperature_is_refused(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_cache_of_another_teacher_is_refused_and_of_the_same_one_used(world, tmp_path):
+    data = str(world["root"] / "data.jsonl")
+    for name, teacher in (("other", world["student"]), ("same", world["teacher"])):  # same tokenizer both
+        cache_teacher(CacheConfig(teacher=teacher, data=data, out=str(tmp_path / name), top_k=4, max_length=64,
+                                  device="cpu"), progress=False, log=quiet)
+    with pytest.raises(TrainError, match="made by another teacher"):
+        train(config(world, tmp_path / "run", eval_cache=str(tmp_path / "other")), log=quiet)
+    assert not (tmp_path / "run").exists()
+    done = train(config(world, tmp_path / "run", max_steps=1, eval_cache=str(tmp_path / "same")), log=quiet)
+    assert done["eval_kl"] > 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: plain transformers, resume, NaN
 
@@ -297,8 +309,13 @@ def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypat
     assert resumed["initial_eval"] == pytest.approx(whole["initial_eval"], abs=1e-6)  # from the metrics log
     evals = [m["step"] for m in metrics(tmp_path / "resumed") if "eval_kl" in m]
     assert evals == [0, 4, 8]
-    with pytest.raises(TrainError, match="different lr"):
-        train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3}), log=quiet)
+    with pytest.raises(TrainError, match="different weight_decay"):
+        train(config(world, tmp_path / "resumed", resume=True, **{**kw, "weight_decay": 0.5}), log=quiet)
+    # A lower --lr (what a diverged run's message advises) resumes, with a note; so does a longer run.
+    logs: list[str] = []
+    train(config(world, tmp_path / "resumed", resume=True, **{**kw, "lr": 1e-3, "max_steps": 9}), log=logs.append)
+    assert any("note: resuming" in m and "lr 0.005 -> 0.001" in m and "max_steps 8 -> 9" in m for m in logs), logs
+    assert sorted(_losses(tmp_path / "resumed")) == list(range(1, 10))
 
 
 def test_resume_checks_the_cache_by_content_and_the_run_by_location(world, tmp_path):
@@ -333,6 +350,27 @@ def test_resume_checks_the_cache_by_content_and_the_run_by_location(world, tmp_p
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(TrainError, match="checkpoint: damaged checkpoint"):
         train(config(world, tmp_path / "run", max_steps=4, resume=True), log=quiet)
+
+
+def test_a_student_with_a_shorter_context_or_a_foreign_out_is_refused_writing_nothing(world, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    short = tmp_path / "short"
+    make_tokenizer(short)
+    GPT2LMHeadModel(GPT2Config(vocab_size=world["vocab"], n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                               bos_token_id=2, eos_token_id=3)).save_pretrained(short)
+    with pytest.raises(TrainError, match=r"examples of up to \d+ tokens, but the student .* context of 16 "
+                                         r"positions; cache the data with --max-length 16"):
+        train(config(world, tmp_path / "run", student=str(short)), log=quiet)
+    assert not (tmp_path / "run").exists()
+    # --out naming the student (a model directory) or the cache: refused, before and after --resume.
+    before = (Path(world["student"]) / "config.json").read_text()
+    for out in (world["student"], world["cache"]):
+        for resume in (False, True):
+            with pytest.raises(TrainError, match="holds a model or a cache, not an amid run"):
+                train(config(world, out, resume=resume), log=quiet)
+    assert (Path(world["student"]) / "config.json").read_text() == before
+    assert not (Path(world["cache"]) / "metrics.jsonl").exists()
 
 
 def test_a_run_killed_after_its_last_checkpoint_finishes_its_writes(world, tmp_path):
