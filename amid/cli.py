@@ -45,6 +45,14 @@ def friendly_errors(fn):
     return wrapper
 
 
+def _quiet_transformers(quiet: bool) -> None:
+    """--quiet silences transformers' own progress bars too (loading and saving weights)."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -105,6 +113,7 @@ def cache_teacher_cmd(quiet: bool, **options) -> None:
 
     cfg = CacheConfig(**options)
     click.echo(f"config: {json.dumps(dataclasses.asdict(cfg))}", err=True)
+    _quiet_transformers(quiet)
     cache_teacher(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
 
 
@@ -332,6 +341,7 @@ def train_cmd(quiet: bool, **options) -> None:
     from amid.train import TrainConfig, TrainError, train
 
     try:
+        _quiet_transformers(quiet)
         train(TrainConfig(progress=not quiet, **options), log=lambda m: click.echo(m, err=True))
     except TrainError as exc:
         raise click.ClickException(str(exc)) from None

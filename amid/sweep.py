@@ -252,7 +252,9 @@ def _report(cfg: SweepConfig, runs: list[dict[str, Any]], log) -> str:
 
 
 def _num(x: Any, fmt: str) -> str:
-    return format(x, fmt) if isinstance(x, (int, float)) and x is not None else "—"
+    if not isinstance(x, (int, float)):
+        return "—"
+    return format(x, ".3e" if fmt.endswith("f") and abs(x) >= 1e6 else fmt)  # a diverged run's ppl: e^700
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:

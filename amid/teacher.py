@@ -29,7 +29,7 @@ from amid.cache import (
     MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_shards, is_cache_entry,
     make_header, mismatch_message, progress_name, temporary_files,
 )
-from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records
+from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.loader import pad_right, target_rows
@@ -207,11 +207,12 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     ).to(device).eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     context = context_length(model)
-    longest = max(len(e.input_ids) for e in examples)
-    if context and longest > context:
+    longest = max(examples, key=lambda e: len(e.input_ids))
+    if context and len(longest.input_ids) > context:
         raise DataError(
-            f"{cfg.data}: an example has {longest} tokens, more than the teacher's context of {context}; "
-            f"pass --max-length {context} (with --overflow truncate or skip)"
+            f"{where(records, longest.example_id, cfg.data)}: the example has {len(longest.input_ids)} tokens, "
+            f"more than the teacher's context of {context}; pass --max-length {context} (with --overflow "
+            f"truncate or skip)"
         )
     if vocab_size < len(tokenizer):
         raise DataError(

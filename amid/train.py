@@ -964,7 +964,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     ranks.barrier()  # no rank returns before final/ and summary.json exist
     if last_eval:
         full = f", eval_kl_full {last_eval['eval_kl_full']:.4f}" if "eval_kl_full" in last_eval else ""
-        log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}{full}, eval_ppl {last_eval['eval_ppl']:.3f}; "
+        log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}{full}, eval_ppl {last_eval['eval_ppl']:.4g}; "
             f"model in {out / 'final'}")
     return summary
 

@@ -31,6 +31,7 @@ from click.testing import CliRunner
 from amid.cache import CacheError, ShardWriter, open_cache
 from amid.cli import main as cli
 from amid.codec import round_logprobs
+from amid.data import DataError
 from amid.teacher import CacheConfig, cache_teacher, teacher_topk
 from helpers import instruction_records, save_teacher, text_records, write_jsonl
 
@@ -899,3 +900,11 @@ def test_a_missing_local_model_directory_is_named(tmp_path, data_files):
     res = CliRunner().invoke(cli, ["cache-teacher", "--teacher", "./nope", "--data", str(data_files["text"]),
                                    "--out", str(tmp_path / "c")])
     assert res.exit_code == 1 and "no such local model directory" in res.stderr and not (tmp_path / "c").exists()
+
+
+def test_an_example_longer_than_the_teachers_context_is_named_by_line(teachers, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"text": "short"}) + "\n\n" + json.dumps({"text": "the cat sat on a mat " * 400}) + "\n")
+    with pytest.raises(DataError, match=rf"{data}:3: the example has \d+ tokens, more than the teacher's context of 256; pass --max-length 256"):
+        run_cache(teacher=str(teachers["gpt2"]), data=str(data), out=str(tmp_path / "c"), max_length=100000)
+    assert not (tmp_path / "c").exists()
