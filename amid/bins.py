@@ -304,5 +304,4 @@ def student_bins(logits: Tensor, topk_ids: Tensor, s: float | None = None) -> tu
         log q_tail is computed as a logsumexp over the complement of S, so it is exact even when
         the top-k hold almost all the mass.
     """
-    check_distinct(topk_ids)
     return _StudentBins.apply(logits, topk_ids.long(), s)

@@ -304,18 +304,24 @@ def finished_shards(directory: Path, header: dict[str, Any]) -> dict[int, dict[s
     return shards
 
 
+def _listed_files(record: Any) -> dict[str, dict[str, Any]] | None:
+    """A shard record's `files` ({part: {file, bytes, ...}} for every part), or None if the
+    record is not shaped like one (an edited or foreign JSON file)."""
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or set(files) != set(PARTS):
+        return None
+    ok = all(isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("bytes"), int)
+             for f in files.values())
+    return files if ok else None
+
+
 def _present(directory: Path, record: dict[str, Any]) -> bool:
     """Every file of a shard record exists with the recorded size."""
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(files, dict) or set(files) != set(PARTS) or not isinstance(record.get("task"), int):
+    files = _listed_files(record)
+    if files is None or not isinstance(record.get("task"), int):
         return False
-    for meta in files.values():
-        if not (isinstance(meta, dict) and isinstance(meta.get("file"), str) and isinstance(meta.get("bytes"), int)):
-            return False
-        f = directory / meta["file"]
-        if not f.exists() or f.stat().st_size != meta["bytes"]:
-            return False
-    return True
+    return all((directory / f["file"]).exists() and (directory / f["file"]).stat().st_size == f["bytes"]
+               for f in files.values())
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -350,13 +356,9 @@ def _check_manifest(m: Any, path: Path) -> None:
         if not isinstance(m["counts"].get(key), int):
             raise malformed(f"counts.{key} is {m['counts'].get(key)!r}")
     for i, shard in enumerate(m["shards"]):
-        files = shard.get("files") if isinstance(shard, dict) else None
-        if not isinstance(files, dict) or set(files) != {"examples", "topk"}:
-            raise malformed(f"shard {i} does not list its examples and topk files")
-        for part, f in files.items():
-            if not (isinstance(f, dict) and isinstance(f.get("file"), str) and isinstance(f.get("bytes"), int)
-                    and isinstance(f.get("sha256"), str)):
-                raise malformed(f"shard {i}'s {part} file lacks its name, size or sha256")
+        files = _listed_files(shard)
+        if files is None or not all(isinstance(f.get("sha256"), str) for f in files.values()):
+            raise malformed(f"shard {i} does not list its {' and '.join(PARTS)} files with name, size and sha256")
         for key in ("examples", "positions"):
             if not isinstance(shard.get(key), int):
                 raise malformed(f"shard {i}'s {key} count is {shard.get(key)!r}")
@@ -374,6 +376,14 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
         return (f"{directory} holds a cache computed with the teacher in {old_t.get('dtype')} ({old_t.get('logits')} "
                 f"logits), this run computes {new_t.get('dtype')} ({new_t.get('logits')} logits); rerun with the same "
                 f"--dtype, or choose another --out directory")
+    old_data, new_data = old.get("data") or {}, new.get("data") or {}
+    only_content = ({k: v for k, v in old_data.items() if k != "examples_sha256"}
+                    == {k: v for k, v in new_data.items() if k != "examples_sha256"})
+    if (only_content and old.get("amid_version") != new.get("amid_version")
+            and all(old.get(key) == new.get(key) for key in ("teacher", "tokenizer", "k", "temperature"))):
+        return (f"{directory} holds a cache started by amid {old.get('amid_version')}, which turned the same data "
+                f"into other examples than amid {new.get('amid_version')} does (see its changes); cache into a "
+                f"new --out, or finish this one with amid {old.get('amid_version')}")
     diffs = []
     for key in ("teacher", "tokenizer", "k", "temperature", "data"):
         a, b = old.get(key), new.get(key)
@@ -496,12 +506,12 @@ class Cache:
 
     @property
     def content_id(self) -> str:
-        """sha256 of the cache's identity and of every shard file's sha256: equal for copies of
-        one cache wherever they live, different for any other cache (a trainer's checkpoint
-        records it, so a run resumes only on the data it was planned on)."""
-        shards = [{part: f["sha256"] for part, f in sorted(r["files"].items())} for r in self.shards]
-        return sha256_bytes(json.dumps({"fingerprint": self.manifest.get("fingerprint"), "shards": shards},
-                                       sort_keys=True).encode())
+        """sha256 of every shard file's sha256, in shard order: equal for copies of one cache
+        wherever they live (and for a rebuild that wrote the same bytes), different for any other
+        data, teacher values or shard layout. A trainer's checkpoint records it, so a run resumes
+        only on the data it was planned on."""
+        shards = [[r["files"][part]["sha256"] for part in PARTS] for r in self.shards]
+        return sha256_bytes(json.dumps(shards).encode())
 
     @property
     def shards(self) -> list[dict[str, Any]]:

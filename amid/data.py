@@ -17,6 +17,7 @@ Templates:
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -94,11 +95,30 @@ class BuildStats:
 # Records
 
 
+@dataclass
+class Locations:
+    """Where each record of JSON files sits: file index and line (JSON Lines) or element (a JSON
+    array), two ints per record."""
+
+    files: list[str]
+    arrays: list[bool]  # per file: a JSON array (numbers are elements) or JSON Lines (line numbers)
+    file_of: array.array
+    number_of: array.array
+
+    def __len__(self) -> int:
+        return len(self.file_of)
+
+    def __getitem__(self, index: int) -> str:
+        f = self.file_of[index]
+        n = self.number_of[index]
+        return f"{self.files[f]} (element {n})" if self.arrays[f] else f"{self.files[f]}:{n}"
+
+
 class Records(list):
     """A list of records that can say where record i came from (`where(i)`: "FILE:LINE" for
     JSON Lines, "FILE (element i)" for a JSON array, "SOURCE record i" (1-based) otherwise)."""
 
-    def __init__(self, records: Iterable[dict[str, Any]], source: str, locations: list[str] | None = None):
+    def __init__(self, records: Iterable[dict[str, Any]], source: str, locations: Locations | None = None):
         super().__init__(records)
         self.source = source
         self.locations = locations
@@ -110,8 +130,8 @@ class Records(list):
 
 
 def where(records: Iterable[dict[str, Any]], index: int, source: str) -> str:
-    """Where record `index` of `records` came from (see `Records`)."""
-    return records.where(index) if isinstance(records, Records) else f"{source} record {index + 1}"
+    """Where record `index` of `records` came from (see `Records`; any other list: by index)."""
+    return (records if isinstance(records, Records) else Records((), source)).where(index)
 
 
 def load_records(source: str, split: str = "train", limit: int | None = None) -> Records:
@@ -135,7 +155,7 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
     return Records(records, source, locations)
 
 
-def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], list[str] | None]:
+def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations | None]:
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(_BUILDERS)}) found")
@@ -149,7 +169,12 @@ def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], list[str]
     locations = None
     if builder == "json":
         # `datasets` reads the files in this order and each one's records in file order.
-        locations = [loc for f in files for loc in _check_json_file(f)]
+        locations = Locations([str(f) for f in files], [], array.array("l"), array.array("l"))
+        for i, f in enumerate(files):
+            is_array, numbers = _check_json_file(f)
+            locations.arrays.append(is_array)
+            locations.file_of.extend([i] * len(numbers))
+            locations.number_of.extend(numbers)
         n_records = len(locations)
     else:
         n_records = sum(f.stat().st_size for f in files)  # nonzero unless every file is empty
@@ -179,33 +204,37 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
     return [dict(r) for r in ds]
 
 
-def _check_json_file(path: Path) -> list[str]:
-    """Validate JSONL line by line (or a JSON array) so errors name the line; returns where each
-    record is ("FILE:LINE", or "FILE (element i)" in an array)."""
+def _check_json_file(path: Path) -> tuple[bool, list[int]]:
+    """Validate JSONL line by line (or a JSON array) so errors name the line; returns (whether
+    the file is a JSON array, each record's line number or array element)."""
     with open(path, "rb") as fh:
-        lines = [_utf8(raw, path, lineno) for lineno, raw in enumerate(fh, 1)]
-    if lines:
-        lines[0] = lines[0].removeprefix("\ufeff")  # a byte-order mark
-    if "".join(lines).lstrip().startswith("["):
-        try:
-            data = json.loads("".join(lines))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: a JSON file must hold an array of objects")
-        return [f"{path} (element {i})" for i in range(len(data))]
-    locations = []
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-        locations.append(f"{path}:{lineno}")
-    return locations
+        lines = (_utf8(raw, path, lineno) for lineno, raw in enumerate(fh, 1))
+        numbers: list[int] = []
+        for lineno, line in enumerate(lines, 1):
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark
+            if not line.strip():
+                continue
+            if not numbers and line.lstrip().startswith("["):
+                break  # a JSON array: parsed whole below
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+            numbers.append(lineno)
+        else:
+            return False, numbers
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (at byte {exc.start}); save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: a JSON file must hold an array of objects")
+    return True, list(range(len(data)))
 
 
 def _utf8(raw: bytes, path: Path, lineno: int) -> str:

@@ -472,6 +472,7 @@ def fused_sparse_loss(
     config: LossConfig,
     chunk_size: int | None = None,
     mode: str = "auto",
+    check_ids: bool = True,
 ) -> Tensor:
     """`sparse_loss(hidden @ lm_weight.T + lm_bias, topk_ids, topk_logprobs, tail_logmass, config)`
     without the [N, V] logits.
@@ -489,6 +490,7 @@ def fused_sparse_loss(
             logits as a chunk.
         mode: "auto", "recompute" or "forward" (see the module docstring). "auto" picks
             "forward" for float32/float64 and "recompute" for bf16/fp16.
+        check_ids: as for `sparse_loss` (refuse repeated ids; the trainer passes False).
 
     Returns:
         [N] loss in float32 (float64 for float64 inputs).
@@ -512,7 +514,8 @@ def fused_sparse_loss(
     if mode == "auto":
         mode = "forward" if hidden.dtype in (torch.float32, torch.float64) else "recompute"
     ids = topk_ids.long()
-    check_distinct(ids)
+    if check_ids:
+        check_distinct(ids)
     s = tail_weight_degree(config)
     v = lm_weight.shape[0]
     fast = compiled_kernels_enabled(hidden)

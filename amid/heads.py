@@ -70,7 +70,8 @@ class Head:
 
     def logit_chunks(self, batch: dict[str, Any], rows_per_chunk: int) -> Iterator[torch.Tensor]:
         """[r, V] logits of the target rows, in order, rows_per_chunk at a time: with a plain head
-        only one chunk of logits exists at once (the hidden states are computed once)."""
+        only one chunk of logits exists at once (the hidden states are computed once); other
+        models compute all [B·T, V] logits and are only sliced."""
         if self.plain:
             hidden = self.hidden(batch)
             for i in range(0, hidden.shape[0], rows_per_chunk):

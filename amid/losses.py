@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from amid import divergences as D
-from amid.bins import compute_dtype, student_bins
+from amid.bins import check_distinct, compute_dtype, student_bins
 from amid.mixture import log_alpha_mixture
 
 __all__ = [
@@ -181,6 +181,7 @@ def sparse_loss(
     topk_logprobs: Tensor,
     tail_logmass: Tensor,
     config: LossConfig,
+    check_ids: bool = True,
 ) -> Tensor:
     """The (k + 1)-bin AMiD loss per position against a cached top-k teacher (SPEC §4).
 
@@ -191,6 +192,8 @@ def sparse_loss(
         topk_logprobs: [N, k] teacher log-probabilities of those ids under its full softmax.
         tail_logmass: [N] teacher log(1 − Σ_{x∈S} p(x)); −inf if the top-k hold all the mass.
         config: the objective.
+        check_ids: refuse a row that names an id twice (one host sync); the trainer passes
+            False for a cache's ids, written ascending and covered by the shards' checksums.
 
     Returns:
         [N] loss in float32 (float64 if the student logits are float64).
@@ -205,6 +208,8 @@ def sparse_loss(
             f"topk_logprobs {tuple(topk_logprobs.shape)} / tail_logmass {tuple(tail_logmass.shape)}"
             f" must be [{n}, {k}] / [{n}]"
         )
+    if check_ids:
+        check_distinct(topk_ids)
     s = tail_weight_degree(config)
     log_q_s, log_q_tail, log_gamma = student_bins(student_logits, topk_ids, s)
     return bins_loss(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)

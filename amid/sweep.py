@@ -21,11 +21,14 @@ from typing import Any
 
 from amid.cache import write_json_atomic
 from amid.distributed import world_from_env
+from amid.paths import same_path
 
 __all__ = ["SweepConfig", "expand_grid", "run_sweep", "failed_runs"]
 
 # Presets whose objective does not depend on α (they fix their own mixture or have none).
 ALPHA_FREE = {"kd", "rkl", "skl", "srkl", "gkd", "taid", "abkd", "ce"}
+# TrainConfig fields the sweep sets for every run (--train-arg may not).
+GRID_KEYS = frozenset({"cache", "student", "out", "preset", "alpha", "lam", "divergence", "order", "resume"})
 RESULT_FIELDS = ["run", "preset", "alpha", "lam", "divergence", "order", "status", "eval_kl", "eval_ppl",
                  "test_ppl", "rougeL", "train_tokens", "wall_s", "error"]
 
@@ -150,7 +153,11 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     unknown = sorted(set(cfg.train_overrides) - known)
     if unknown:
         raise ValueError(f"--train-arg {', '.join(unknown)}: not a training setting; the settings are the "
-                         f"fields of amid train's config.json: {', '.join(sorted(known - {'cache', 'student', 'out'}))}")
+                         f"fields of amid train's config.json: {', '.join(sorted(known - GRID_KEYS))}")
+    gridded = sorted(set(cfg.train_overrides) & GRID_KEYS)
+    if gridded:
+        raise ValueError(f"--train-arg {', '.join(gridded)}: set by the sweep itself (--cache, --student, --out, "
+                         f"--preset, --alpha, --lam, --divergence, --order); pass it there")
     for run in runs:
         try:
             TrainConfig(**{**specs[run["name"]]["train"], "resume": True})
@@ -158,19 +165,26 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
             raise ValueError(f"run {run['name']}: {exc}") from None
     cache = open_cache(cfg.cache)
     try:
-        check_tokenizer(cfg.student, cache)
+        check_tokenizer(cfg.student, cache, trust_remote_code=bool(cfg.train_overrides.get("trust_remote_code")))
     except TrainError as exc:
         raise ValueError(str(exc)) from None
     clash = []
     for run in runs:
         old = _old_spec(_run_dir(cfg, run["name"]))
-        if old is not None and (old.get("train"), old.get("run")) != (specs[run["name"]]["train"], specs[run["name"]]["run"]):
-            changed = sorted(k for k in {*old.get("train", {}), *specs[run["name"]]["train"]}
-                             if old.get("train", {}).get(k) != specs[run["name"]]["train"].get(k))
+        if old is None:
+            continue
+        was, now = old.get("train") or {}, specs[run["name"]]["train"]
+        changed = sorted(k for k in {*was, *now} if not _same_value(was.get(k), now.get(k)))
+        if changed or old.get("run") != specs[run["name"]]["run"]:
             clash.append(f"{run['name']} ({', '.join(changed) or 'loss'})")
     if clash:
         raise ValueError(f"{cfg.out}: runs trained with other settings under the same names: {'; '.join(clash)}; "
                          f"rerun with those settings, delete the runs, or choose another --out")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    # Another spelling of the same --cache/--student/--out path is the same setting.
+    return same_path(a, b) if isinstance(a, str) and isinstance(b, str) else a == b
 
 
 def failed_runs(cfg: SweepConfig) -> list[str]:

@@ -32,6 +32,7 @@ from amid.cache import (
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
+from amid.paths import same_path
 from amid.loader import pad_right, target_rows
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
@@ -95,10 +96,13 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
 
 
 def check_model_name(name: str, what: str) -> None:
-    """ValueError for a local-looking model path that does not exist ("./x", "../x", "/x", "~/x"):
-    transformers would take it for a hub name and fail with an unrelated message. Other names
-    ("gpt2", "owner/name") may be hub names and are left to transformers."""
-    if name.startswith(("./", "../", "/", "~", ".\\")) and not Path(name).expanduser().is_dir():
+    """ValueError for a local-looking model path that does not exist ("./x", "../x", "/x"), or
+    one starting with "~" (which transformers does not expand): transformers would take it for
+    a hub name and fail with an unrelated message. Other names ("gpt2", "owner/name") may be hub
+    names and are left to transformers."""
+    if name.startswith("~"):
+        raise ValueError(f"{what} {name}: '~' is not expanded here; pass {Path(name).expanduser()}")
+    if name.startswith(("./", "../", "/", ".\\")) and not Path(name).is_dir():
         raise ValueError(f"{what} {name}: no such local model directory")
 
 
@@ -124,10 +128,7 @@ def _same_spelling(mine: str, theirs: Any) -> str:
     """`theirs` where both name one existing file or directory (relative vs absolute, a symlink):
     the cache's identity keeps the spelling it was started with. The contents are compared by
     hash (weights, tokenized examples) either way."""
-    if (isinstance(theirs, str) and theirs != mine and os.path.exists(mine) and os.path.exists(theirs)
-            and os.path.samefile(mine, theirs)):
-        return theirs
-    return mine
+    return theirs if isinstance(theirs, str) and same_path(mine, theirs) else mine
 
 
 def architecture(model) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
+from amid.paths import same_path
 from amid.teacher import architecture, check_model_name, resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
@@ -63,7 +64,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 STATE_FILE = "trainer_state.pt"
 FUSED_MIN_VOCAB = 16384
 # Evaluation takes the logits of this many (row × vocabulary) elements at a time (128 MiB of
-# float32), so a held-out batch costs no more memory than a fused training step needs.
+# float32) where the model's head can be applied alone (`Head.plain`): a held-out batch then
+# costs no more memory than a fused training step. Other models return all their logits.
 EVAL_CHUNK_ELEMENTS = 1 << 25
 LOSS_FIELDS = ("alpha", "lam", "lam_end", "divergence", "order", "ab_alpha", "ab_beta", "jsd_beta", "ce_weight",
                "tail", "stop_grad_r")
@@ -311,7 +313,7 @@ class OnlineTeacher:
                 yield z
 
 
-def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> OnlineTeacher:
+def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log, flag: str) -> OnlineTeacher:
     """A teacher in memory (`online_teacher` or `eval_teacher`) in the dtype the cache's teacher
     ran in (float32 for caches that do not say), so that the two paths differ only by what the
     cache keeps (top-k, rounding). Refused unless its tokenizer, logits and architecture are
@@ -319,7 +321,7 @@ def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> Onl
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m = cache.manifest
-    check_model_name(name, "teacher")
+    check_model_name(name, flag)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     if tokenizer_identity(tokenizer) != m["tokenizer"]:
         raise TrainError(f"teacher {name} has a different tokenizer than the cache {cache.path}")
@@ -335,9 +337,7 @@ def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log) -> Onl
         raise TrainError(f"teacher {name} is not the cache's teacher ({theirs.get('name_or_path')}): its "
                          f"architecture differs from the one in {cache.path / 'manifest.json'}")
     recorded = theirs.get("name_or_path", name)
-    same = os.path.normpath(name) == os.path.normpath(recorded) or (
-        os.path.exists(name) and os.path.exists(recorded) and os.path.samefile(name, recorded))
-    if not same:
+    if not (same_path(name, recorded) or os.path.normpath(name) == os.path.normpath(recorded)):
         log(f"note: teacher {name} is not the name the cache {cache.path} was made with "
             f"({theirs.get('name_or_path')}); its weights are taken to be that teacher's")
     return OnlineTeacher(model, float(m.get("temperature", 1.0)))
@@ -384,7 +384,7 @@ def batch_loss(
         logits = head.logits(batch)
         kd = None
         if w < 1:
-            kd = (sparse_loss(logits, *cache_args, loss_cfg) if teacher is None
+            kd = (sparse_loss(logits, *cache_args, loss_cfg, check_ids=False) if teacher is None
                   else full_loss(logits, teacher.logits(batch, logits.shape[-1]), loss_cfg))
         ce = F.cross_entropy(logits.float(), batch["targets"], reduction="none") if w > 0 else None
         return mix_ce(kd, ce, loss_cfg)
@@ -392,7 +392,7 @@ def batch_loss(
     weight = head.head.weight.to(dtype)
     bias = None if head.head.bias is None else head.head.bias.to(dtype)
     with torch.autocast(h.device.type, enabled=False):
-        kd = fused(h, weight, bias, *cache_args, loss_cfg) if w < 1 else None
+        kd = fused(h, weight, bias, *cache_args, loss_cfg, check_ids=False) if w < 1 else None
         ce = None
         if w > 0:
             # −log q(target) is KL from a one-hot teacher over 2 bins: no [N, V] logits either.
@@ -430,9 +430,9 @@ def evaluate(
             part = slice(i, i + rows_per_chunk)
             cache_args = (batch["topk_ids"][part], batch["topk_logprobs"][part], batch["tail_logmass"][part])
             ce = F.cross_entropy(logits.float(), batch["targets"][part], reduction="none")
-            kd = sparse_loss(logits, *cache_args, loss_cfg) if loss_cfg.ce_weight < 1 else None
+            kd = sparse_loss(logits, *cache_args, loss_cfg, check_ids=False) if loss_cfg.ce_weight < 1 else None
             sums["eval_loss"] += mix_ce(kd, ce, loss_cfg).sum().item()
-            sums["eval_kl"] += sparse_loss(logits, *cache_args, KL).sum().item()
+            sums["eval_kl"] += sparse_loss(logits, *cache_args, KL, check_ids=False).sum().item()
             sums["eval_ce"] += ce.sum().item()
             if judged is not None:
                 sums["eval_kl_full"] += full_loss(logits, next(judged), KL).sum().item()
@@ -479,14 +479,17 @@ def _check_eval_cache(cache: Cache, eval_cache: Cache) -> None:
     if theirs != mine:
         raise TrainError(f"eval cache {eval_cache.path} was made at temperature {theirs}, {cache.path} at {mine}; "
                          f"cache the held-out data at the training cache's temperature")
-    # The same teacher: its weights (a hash, for a local teacher) and architecture; the dtype it
-    # ran in may differ. A hub teacher without a weight hash is known by its name and revision.
-    def teacher(c: Cache) -> dict[str, Any]:
-        t = c.manifest.get("teacher") or {}
-        keys = ("weights_sha256", "config", "revision") if "weights_sha256" in t else ("name_or_path", "revision", "config")
-        return {k: t.get(k) for k in keys}
-
-    if teacher(eval_cache) != teacher(cache):
+    # The same teacher: the same architecture, and the same weights where both caches hashed them
+    # (local teachers); hub teachers without a hash by name and revision. The dtype may differ.
+    # A local teacher against a hub one cannot be told apart here, and is let through.
+    a, b = ((c.manifest.get("teacher") or {}) for c in (eval_cache, cache))
+    if "weights_sha256" in a and "weights_sha256" in b:
+        keys = ("config", "weights_sha256")
+    elif "weights_sha256" not in a and "weights_sha256" not in b:
+        keys = ("config", "name_or_path", "revision")
+    else:
+        keys = ("config",)
+    if any(a.get(k) != b.get(k) for k in keys):
         raise TrainError(f"eval cache {eval_cache.path} was made by another teacher "
                          f"({(eval_cache.manifest.get('teacher') or {}).get('name_or_path')}) than {cache.path} "
                          f"({(cache.manifest.get('teacher') or {}).get('name_or_path')}); its KL would be to that "
@@ -559,15 +562,16 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
     killed run's JSON temporaries (rank 0)."""
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
-    if ranks.main:
-        _recover_checkpoint(ckpt)
-        for stale in out.glob(".*.json.tmp-*"):  # a killed run's half-written config/summary (rank 0 writes them)
-            stale.unlink(missing_ok=True)
-    ranks.barrier()
-    has_ckpt = (ckpt / STATE_FILE).exists()
     if _foreign_dir(out):
         raise TrainError(f"{out}: holds a model or a cache, not an amid run (its config.json or manifest.json "
                          f"would be overwritten); choose an empty or new --out")
+    if ranks.main:
+        _recover_checkpoint(ckpt)
+        for name in ("config.json", "summary.json"):  # a killed run's half-written ones (rank 0 writes them)
+            for stale in out.glob(f".{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+    ranks.barrier()
+    has_ckpt = (ckpt / STATE_FILE).exists()
     if not cfg.resume:
         if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoint", "final")):
             raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
@@ -627,17 +631,17 @@ def _foreign_dir(path: Path) -> bool:
 
 def _same_setting(mine: Any, saved: Any) -> bool:
     """Equal settings; two spellings of one existing path (relative, absolute, a symlink) count as equal."""
-    if mine == saved:
-        return True
-    if isinstance(mine, str) and isinstance(saved, str) and os.path.exists(mine):
-        return os.path.realpath(mine) == os.path.realpath(saved)
-    return False
+    return same_path(mine, saved) if isinstance(mine, str) and isinstance(saved, str) else mine == saved
 
 
 def _damaged_checkpoint(what: Path, exc: BaseException, ckpt: Path) -> str:
+    # Damage (a truncated or overwritten file) and a checkpoint written by other versions of
+    # torch/numpy/transformers fail alike here; moving the checkpoint away costs the run's steps,
+    # so the message names both causes and lets the reader's error decide.
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return (f"{what}: damaged checkpoint, cannot be read ({type(exc).__name__}: {reason[:120]}); move {ckpt} "
-            f"away to restart the run from step 0, or choose another --out")
+    return (f"{what}: checkpoint cannot be read ({type(exc).__name__}: {reason[:120]}); if it was written by "
+            f"other versions of torch/numpy/transformers, resume with those; if it is damaged, move {ckpt} away "
+            f"to restart the run from step 0, or choose another --out")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -734,8 +738,9 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     head = Head(model)
-    teacher = _load_teacher(cfg.online_teacher, cfg, cache, device, log) if cfg.online_teacher else None
-    eval_teacher = teacher or (_load_teacher(cfg.eval_teacher, cfg, cache, device, log) if cfg.eval_teacher else None)
+    teacher = _load_teacher(cfg.online_teacher, cfg, cache, device, log, "--online-teacher") if cfg.online_teacher else None
+    eval_teacher = teacher or (_load_teacher(cfg.eval_teacher, cfg, cache, device, log, "--eval-teacher")
+                               if cfg.eval_teacher else None)
     fused = None
     big_vocab = _vocab_size(model) >= FUSED_MIN_VOCAB
     if teacher is None and (cfg.fused or (cfg.fused is None and device.type == "cuda" and big_vocab)):

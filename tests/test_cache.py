@@ -223,7 +223,7 @@ def test_bf16_teacher_log_probs_come_from_a_float32_head(teachers, data_files, t
 
     cfg = TrainConfig(cache=str(out), student=str(teachers["llama"]), out=str(tmp_path / "run"),
                       online_teacher=str(teachers["llama"]))
-    online = _load_teacher(cfg.online_teacher, cfg, _open(out), torch.device("cpu"), print)
+    online = _load_teacher(cfg.online_teacher, cfg, _open(out), torch.device("cpu"), print, "--online-teacher")
     assert online.target.route.model.dtype == torch.bfloat16 and online.target.mode == "float32 head"
     ex = next(iter(open_cache(out)))
     batch = {"input_ids": ex["input_ids"][None], "attention_mask": torch.ones(1, len(ex["input_ids"]), dtype=torch.long),
@@ -557,7 +557,7 @@ def _drop_files_of_shard_0(m):
 @pytest.mark.parametrize("edit,needle", [
     (lambda m: [], "not a JSON object"),
     (lambda m: {k: v for k, v in m.items() if k != "shards"}, "no 'shards'"),
-    (_drop_files_of_shard_0, "shard 0 does not list"),
+    (_drop_files_of_shard_0, "shard 0 does not list its examples and topk files"),
     (lambda m: {**m, "tokenizer": "x"}, "'tokenizer' is"),
     (lambda m: {**m, "k": "x"}, "'k' is"),
     (lambda m: {**m, "counts": {**m["counts"], "examples": None}}, "counts.examples"),
@@ -891,9 +891,11 @@ def test_refusal_names_the_data_setting_that_changed(teachers, data_files, gpt2_
 def test_a_missing_local_model_directory_is_named(tmp_path, data_files):
     from amid.teacher import check_model_name
 
-    for name in ("./nope", str(tmp_path / "nope"), "../nope", "~/nope-amid"):
+    for name in ("./nope", str(tmp_path / "nope"), "../nope"):
         with pytest.raises(ValueError, match=f"--teacher {name}: no such local model directory"):
             check_model_name(name, "--teacher")
+    with pytest.raises(ValueError, match="'~' is not expanded here; pass /"):
+        check_model_name("~/some-model", "--teacher")
     check_model_name("gpt2", "--teacher")  # a hub name: left to transformers
     check_model_name("owner/name", "--teacher")
     check_model_name(str(tmp_path), "--teacher")
@@ -908,3 +910,15 @@ def test_an_example_longer_than_the_teachers_context_is_named_by_line(teachers, 
     with pytest.raises(DataError, match=rf"{data}:3: the example has \d+ tokens, more than the teacher's context of 256; pass --max-length 256"):
         run_cache(teacher=str(teachers["gpt2"]), data=str(data), out=str(tmp_path / "c"), max_length=100000)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_started_by_another_amid_version_says_so():
+    from amid.cache import mismatch_message
+
+    header = {"format_version": 2, "teacher": {"n": 1}, "tokenizer": {"v": 1}, "k": 4, "temperature": 1.0,
+              "data": {"source": "d.jsonl", "examples_sha256": "aa"}, "amid_version": "0.2.0"}
+    newer = {**header, "data": {"source": "d.jsonl", "examples_sha256": "bb"}, "amid_version": "0.3.0"}
+    assert "started by amid 0.2.0, which turned the same data into other examples than amid 0.3.0" in \
+        mismatch_message(Path("c"), header, newer)
+    same_version = {**newer, "amid_version": "0.2.0"}
+    assert "different data (the examples' content)" in mismatch_message(Path("c"), header, same_version)

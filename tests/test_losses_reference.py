@@ -1106,8 +1106,10 @@ def test_mixture_float32_keeps_tiny_weights_near_alpha_one(alpha, lam):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("alpha", [-1e38, -1e31, 1e31, 1e38])
+@pytest.mark.parametrize("alpha", [-1e38, -1e31, -1.9e30, 1e31, 1.9e30, 1e38])
 def test_mixture_beyond_float_range_of_c_is_the_max_min_limit(alpha):
+    # |c| just under the 1e30 switch (α = ±1.9e30) still runs the formula: it must agree with the
+    # limit (no overflow below the switch); above it, the limit itself.
     zs, zt = random_case(51, 4, 9)
     lp, lq = torch.log_softmax(zt, -1).float(), torch.log_softmax(zs, -1).float().requires_grad_()
     r = log_alpha_mixture(lp, lq, alpha, 0.3)

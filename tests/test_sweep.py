@@ -108,4 +108,6 @@ def test_sweep_cli_takes_train_flags_as_keys_and_refuses_before_writing(world, t
     assert res.exit_code == 1 and "--max-steps must be at least 1" in res.stderr and "Traceback" not in res.output
     res = CliRunner().invoke(main, [*base, "--train-arg", "--warmup=-1"])  # --warmup is the field warmup_steps
     assert res.exit_code == 1 and "--warmup must be at least 0" in res.stderr
+    res = CliRunner().invoke(main, [*base, "--train-arg", "alpha=1"])
+    assert res.exit_code == 1 and "--train-arg alpha: set by the sweep itself" in res.stderr
     assert not out.exists()

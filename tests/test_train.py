@@ -184,10 +184,22 @@ def test_evaluation_in_row_chunks_equals_one_chunk(world, tmp_path, monkeypatch)
     # side): 3 rows per chunk must give the metrics of one chunk per batch.
     import amid.train as amid_train
 
+    from amid.heads import Head
+
     kw = dict(max_steps=2, eval_every=1, eval_teacher=world["teacher"], ce_weight=0.2)
     whole = train(config(world, tmp_path / "whole", **kw), log=quiet)
     monkeypatch.setattr(amid_train, "EVAL_CHUNK_ELEMENTS", 3 * world["vocab"] + 1)
+    sizes: list[int] = []
+    real = Head.logit_chunks
+
+    def spy(self, batch, rows_per_chunk):
+        for z in real(self, batch, rows_per_chunk):
+            sizes.append(z.shape[0])
+            yield z
+
+    monkeypatch.setattr(Head, "logit_chunks", spy)
     chunked = train(config(world, tmp_path / "chunked", **kw), log=quiet)
+    assert len(sizes) > 3 and max(sizes) == 3  # every held-out batch went through in chunks of 3 rows
     evals = [[m for m in metrics(tmp_path / run) if "eval_kl" in m] for run in ("whole", "chunked")]
     assert len(evals[0]) == len(evals[1]) == 3
     for a, b in zip(*evals):
@@ -234,6 +246,27 @@ def test_eval_cache_at_another_temperature_is_refused(world, tmp_path):
     with pytest.raises(TrainError, match="temperature 2.0"):
         train(config(world, tmp_path / "run", eval_cache=str(hot)), log=quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_cache_teacher_identity_rules():
+    from types import SimpleNamespace
+
+    from amid.train import _check_eval_cache
+
+    def cache(**teacher):
+        return SimpleNamespace(path=Path("c"), manifest={"tokenizer": {"v": 1}, "vocab_size": 10, "temperature": 1.0,
+                                                         "teacher": {"config": {"n": 1}, **teacher}})
+
+    local = cache(name_or_path="./t", weights_sha256="aa")
+    _check_eval_cache(local, cache(name_or_path="/abs/t", weights_sha256="aa", dtype="bfloat16"))  # same weights
+    _check_eval_cache(local, cache(name_or_path="org/t", revision="r1"))  # local vs hub: cannot tell, let through
+    _check_eval_cache(cache(name_or_path="org/t", revision="r1"), cache(name_or_path="org/t", revision="r1"))
+    for other in (cache(name_or_path="./t", weights_sha256="bb"), cache(name_or_path="./t", weights_sha256="aa",
+                                                                        config={"n": 2})):
+        with pytest.raises(TrainError, match="made by another teacher"):
+            _check_eval_cache(other, local)
+    with pytest.raises(TrainError, match="made by another teacher"):
+        _check_eval_cache(cache(name_or_path="org/u", revision="r1"), cache(name_or_path="org/t", revision="r1"))
 
 
 def test_eval_cache_of_another_teacher_is_refused_and_of_the_same_one_used(world, tmp_path):
@@ -342,14 +375,32 @@ def test_resume_checks_the_cache_by_content_and_the_run_by_location(world, tmp_p
     good = state.read_bytes()
     for damaged in (b"garbage\n", good[: len(good) // 2]):
         state.write_bytes(damaged)
-        with pytest.raises(TrainError, match="trainer_state.pt: damaged checkpoint") as err:
+        with pytest.raises(TrainError, match="trainer_state.pt: checkpoint cannot be read .*if it is damaged, move") as err:
             train(config(world, tmp_path / "run", max_steps=4, resume=True), log=quiet)
         assert "\n" not in str(err.value)
     state.write_bytes(good)
     weights = tmp_path / "run" / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(TrainError, match="checkpoint: damaged checkpoint"):
+    with pytest.raises(TrainError, match="checkpoint: checkpoint cannot be read"):
         train(config(world, tmp_path / "run", max_steps=4, resume=True), log=quiet)
+
+    # A checkpoint of an older amid records no cache_id: it resumes on the same cache path, and
+    # another path is refused as another cache (the rule before the record existed).
+    def drop_cache_id(run):
+        path = run / "checkpoint" / "trainer_state.pt"
+        state = torch.load(path, weights_only=False)
+        del state["cache_id"]
+        torch.save(state, path)
+
+    old = tmp_path / "old"
+    train(config(world, old, max_steps=1, save_every=1), log=quiet)
+    drop_cache_id(old)
+    train(config(world, old, max_steps=2, save_every=1, resume=True), log=quiet)
+    assert sorted(_losses(old)) == [1, 2]
+    drop_cache_id(old)
+    shutil.copytree(world["cache"], tmp_path / "copy")
+    with pytest.raises(TrainError, match="different cache"):
+        train(config(world, old, cache=str(tmp_path / "copy"), max_steps=3, resume=True), log=quiet)
 
 
 def test_a_student_with_a_shorter_context_or_a_foreign_out_is_refused_writing_nothing(world, tmp_path):
@@ -534,8 +585,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
     real = amid_train.sparse_loss
     calls = {"train": 0}
 
-    def nan_on_fifth_training_batch(logits, *args):
-        out = real(logits, *args)
+    def nan_on_fifth_training_batch(logits, *args, **kw):
+        out = real(logits, *args, **kw)
         if torch.is_grad_enabled():
             calls["train"] += 1
             if calls["train"] == 5:
@@ -552,6 +603,10 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
 
     model = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # What the message advises (a lower --lr or a --clip, then --resume) is accepted.
+    monkeypatch.setattr(amid_train, "sparse_loss", real)
+    done = train(config(world, out, max_steps=10, save_every=2, lr=1e-3, clip=0.5, resume=True), log=quiet)
+    assert done["steps"] == 10 and sorted(_losses(out)) == list(range(1, 11))
 
 
 # ----------------------------------------------------------------------------------------------
