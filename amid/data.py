@@ -343,7 +343,9 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
             )
         )
         if full[: len(prompt_ids)] != prompt_ids:  # template re-tokenized the prompt: fall back to splicing
-            full = prompt_ids + tokenizer(target, add_special_tokens=False)["input_ids"]
+            # closed by EOS, as the other templates are (the template's own end-of-turn is lost here)
+            eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+            full = prompt_ids + tokenizer(target, add_special_tokens=False)["input_ids"] + eos
         return full, len(prompt_ids)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]

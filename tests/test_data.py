@@ -347,3 +347,17 @@ def test_a_response_ending_in_the_eos_text_gets_one_eos(tok, tok_chat):
     mid = {"prompt": "Q?\n", "response": f"a{eos}b"}
     (f,), _, _ = build_examples([mid], tok, TemplateConfig(), "mem")
     assert targets(f).count(tok.eos_token_id) == 2
+
+
+def test_chat_template_that_rewrites_the_prompt_is_spliced_and_closed_by_eos():
+    # A template that renders the user turn differently once an assistant turn follows: the
+    # prompt's tokens are not a prefix of the whole, so the response is spliced after them.
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}{% if loop.last %}U: {% else %}User: {% endif %}"
+                "{{ m['content'] }}\n{% else %}A: {{ m['content'] }}{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}A: {% endif %}")
+    t = train_tokenizer(300, chat_template=template)
+    (ex,), _, _ = build_examples([{"prompt": "hello there", "response": "fine"}], t, TemplateConfig(template="chat"), "m")
+    prompt = t.apply_chat_template([{"role": "user", "content": "hello there"}], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)  # a BatchEncoding in new transformers
+    assert ex.input_ids == prompt + enc(t, "fine") + [t.eos_token_id]
+    assert targets(ex) == enc(t, "fine") + [t.eos_token_id]
