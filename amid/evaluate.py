@@ -119,7 +119,7 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     mean = sum(per_seed) / len(per_seed)
-    return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "examples": len(prompts)}
+    return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "rouge_examples": len(prompts)}
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool):
@@ -177,5 +177,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                                      device=device, save_to=save, chat=cfg.template == "chat"))
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        if not cfg.rouge:  # an earlier evaluation's generations would pass for this one's
+            (Path(cfg.out) / "generations.jsonl").unlink(missing_ok=True)
         (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

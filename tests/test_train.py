@@ -810,3 +810,27 @@ def test_cache_gap_recipe(world, tmp_path, capsys, monkeypatch):
     assert (out / "cache_gap.md").read_text() == table  # a second run reuses every cache and run
     with pytest.raises(SystemExit, match="other lr, steps"):
         main([*args, "--steps", "5", "--lr", "1e-3"])
+
+
+def test_amid_eval_end_to_end_reports_what_it_measured(world, tmp_path):
+    from click.testing import CliRunner
+
+    from amid.cli import main
+
+    words = WORDS[:12]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": " ".join(words[i:i + 3]), "response": " ".join(words[i + 3:i + 6])})
+                            + "\n" for i in range(6)) + json.dumps({"prompt": "the cat", "response": ""}) + "\n")
+    run = tmp_path / "run"
+    train(config(world, run, max_steps=2), log=quiet)
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(main, ["eval", "--model", str(run), "--data", str(data), "--out", str(out), "--rouge",
+                                    "--seeds", "1", "--max-new-tokens", "4", "--max-length", "100000"])
+    assert res.exit_code == 0, res.output
+    got = json.loads((out / "eval.json").read_text())
+    assert got["model_dir"] == str(run / "final") and got["examples"] == 6 and got["skipped_no_target"] == 1
+    assert got["max_length"] == 128  # capped at the student's context
+    assert got["tokens"] == 6 * 4 and got["ppl"] > 1 and 0 <= got["rougeL"] <= 100 and got["rouge_examples"] == 7
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 7
+    res = CliRunner().invoke(main, ["eval", "--model", str(run), "--data", str(data), "--out", str(out)])
+    assert res.exit_code == 0 and not (out / "generations.jsonl").exists()  # no stale generations beside it
