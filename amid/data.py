@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES"]
+__all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES",
+           "field_text", "where"]
 
 TEMPLATES = ("auto", "text", "plain", "dolly", "chat")
 
@@ -296,7 +297,7 @@ def dolly_prompt(record: dict[str, Any]) -> str:
     return template.format(instruction=str(record["instruction"]).strip(), context_block=block)
 
 
-def _text(record: dict[str, Any], field: str, where: str) -> str:
+def field_text(record: dict[str, Any], field: str, where: str) -> str:
     """A field's text: missing or null is empty; numbers (CSV columns) are written out; anything
     else (a list, an object) is refused rather than turned into its Python repr."""
     value = record.get(field)
@@ -312,11 +313,11 @@ def _text(record: dict[str, Any], field: str, where: str) -> str:
 def _split(record: dict[str, Any], template: str, cfg: TemplateConfig, where: str) -> tuple[str, str]:
     """(prompt, target text) of a record; prompt is empty for plain text."""
     if template == "text":
-        return "", _text(record, cfg.text_field, where)
+        return "", field_text(record, cfg.text_field, where)
     if template == "dolly":
-        prompt = _text(record, cfg.prompt_field, where) or dolly_prompt(record)
-        return prompt, _text(record, cfg.response_field, where)
-    return _text(record, cfg.prompt_field, where), _text(record, cfg.response_field, where)
+        prompt = field_text(record, cfg.prompt_field, where) or dolly_prompt(record)
+        return prompt, field_text(record, cfg.response_field, where)
+    return field_text(record, cfg.prompt_field, where), field_text(record, cfg.response_field, where)
 
 
 def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig,

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, load_records
+from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, field_text, load_records, where
 from amid.heads import context_length
 from amid.loader import pad_right
 
@@ -94,8 +94,12 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
     if response_field not in fields or (prompt_field not in fields and "instruction" not in fields):
         raise DataError(f"{source}: ROUGE-L needs '{prompt_field}' (or Dolly's 'instruction') and "
                         f"'{response_field}' fields, the data has {sorted(fields)}")
-    prompts = [str(r[prompt_field]) if r.get(prompt_field) else dolly_prompt(r) for r in records]
-    refs = [str(r[response_field]) for r in records]
+    # Records without a reference response are not scored (their ROUGE-L would be 0 by definition).
+    keep = [i for i, r in enumerate(records) if field_text(r, response_field, where(records, i, source)).strip()]
+    prompts = [field_text(records[i], prompt_field, where(records, i, source)) or dolly_prompt(records[i]) for i in keep]
+    refs = [field_text(records[i], response_field, where(records, i, source)) for i in keep]
+    if not refs:
+        raise DataError(f"{source}: no record has a '{response_field}' to score ROUGE-L against")
     model.eval()
     per_seed = []
     rows = []
@@ -119,7 +123,8 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
             for r in rows:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     mean = sum(per_seed) / len(per_seed)
-    return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "rouge_examples": len(prompts)}
+    return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "rouge_examples": len(prompts),
+            "rouge_skipped_no_reference": len(records) - len(keep)}
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool):
