@@ -381,9 +381,10 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
                     == {k: v for k, v in new_data.items() if k != "examples_sha256"})
     if (only_content and old.get("amid_version") != new.get("amid_version")
             and all(old.get(key) == new.get(key) for key in ("teacher", "tokenizer", "k", "temperature"))):
-        return (f"{directory} holds a cache started by amid {old.get('amid_version')}, which turned the same data "
-                f"into other examples than amid {new.get('amid_version')} does (see its changes); cache into a "
-                f"new --out, or finish this one with amid {old.get('amid_version')}")
+        finish = "" if (directory / MANIFEST).exists() else f", or finish this one with amid {old.get('amid_version')}"
+        return (f"{directory} holds a cache made by amid {old.get('amid_version')}, which turned the same data into "
+                f"other examples than amid {new.get('amid_version')} does (0.3.0 skips records without a "
+                f"response and gives a response that ends in the EOS text one EOS); cache into a new --out{finish}")
     diffs = []
     for key in ("teacher", "tokenizer", "k", "temperature", "data"):
         a, b = old.get(key), new.get(key)

@@ -210,6 +210,9 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 
     # KEY is a field of amid train's config.json or one of its flags (--warmup, max-steps, ...).
     flags = {opt.lstrip("-").replace("-", "_"): p.name for p in train_cmd.params for opt in p.opts}
+    from amid.train import TrainConfig
+
+    bool_fields = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool", "bool | None")}
     overrides = {}
     for item in train_args:
         key, sep, value = item.partition("=")
@@ -221,6 +224,11 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
+        if key in bool_fields and overrides[key] is not None and not isinstance(overrides[key], bool):  # True, no, ...
+            word = str(overrides[key]).strip().lower()
+            if word not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                raise click.BadParameter(f"--train-arg {key} takes true or false, got {value!r}")
+            overrides[key] = word in ("true", "yes", "1", "on")
     cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas), lams=_floats(lams),
                       divergences=_words(divergences), orders=_words(orders), devices=_words(devices),
                       train_overrides=overrides, **options)

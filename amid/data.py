@@ -142,9 +142,11 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
     and for empty data.
     """
     path = Path(source)
+    if source.startswith("~"):
+        raise DataError(f"{source}: '~' is not expanded here; pass {path.expanduser()}")
     if path.exists():
         records, locations = _load_local(path, split)
-    elif source.startswith((".", "/", "~")) or source.endswith(tuple(_BUILDERS)):
+    elif source.startswith((".", "/")) or source.endswith(tuple(_BUILDERS)):
         # Looks like a path (hub dataset names are "name" or "owner/name" without a file extension).
         raise DataError(f"{source}: no such file or directory")
     else:

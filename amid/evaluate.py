@@ -101,16 +101,26 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
     if not refs:
         raise DataError(f"{source}: no record has a '{response_field}' to score ROUGE-L against")
     model.eval()
+    context = context_length(model)
     per_seed = []
     rows = []
+    cut_prompts = set()
     for seed in seeds:
         torch.manual_seed(seed)
         scores = []
-        for prompt, ref in zip(prompts, refs):
+        for i, (prompt, ref) in enumerate(zip(prompts, refs)):
             enc = _encode_prompt(tokenizer, prompt, chat).to(device)
+            new_tokens = max_new_tokens
+            if context:  # prompt + generation must fit the model's positions
+                new_tokens = min(max_new_tokens, max(1, context // 2))
+                keep_prompt = context - new_tokens
+                if enc["input_ids"].shape[1] > keep_prompt:  # keep the prompt's end: the question and its cue
+                    enc = {k: v[:, -keep_prompt:] for k, v in enc.items()}
+                    cut_prompts.add(i)
+                new_tokens = min(max_new_tokens, context - enc["input_ids"].shape[1])
             out = model.generate(
                 **enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                top_p=top_p, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
             )
             text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             score = rouge_l(text, ref)
@@ -124,7 +134,7 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     mean = sum(per_seed) / len(per_seed)
     return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "rouge_examples": len(prompts),
-            "rouge_skipped_no_reference": len(records) - len(keep)}
+            "rouge_skipped_no_reference": len(records) - len(keep), "rouge_prompts_cut": len(cut_prompts)}
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool):

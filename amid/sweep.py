@@ -123,7 +123,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
         spec = specs[run["name"]]
         old_spec = _old_spec(d)
         result = d / "result.json"
-        if old_spec == spec and result.exists() and json.loads(result.read_text()).get("status") == "ok":
+        if _same_value(old_spec, spec) and result.exists() and json.loads(result.read_text()).get("status") == "ok":
             continue
         # Same training, other evaluation settings (checked in _check): the run resumes at its last
         # step, trains nothing and is evaluated again.
@@ -154,6 +154,9 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     if unknown:
         raise ValueError(f"--train-arg {', '.join(unknown)}: not a training setting; the settings are the "
                          f"fields of amid train's config.json: {', '.join(sorted(known - GRID_KEYS))}")
+    if "resume" in cfg.train_overrides:
+        raise ValueError("--train-arg resume: the sweep always resumes its runs (a killed run continues from its "
+                         "checkpoint, a finished one is kept)")
     gridded = sorted(set(cfg.train_overrides) & GRID_KEYS)
     if gridded:
         raise ValueError(f"--train-arg {', '.join(gridded)}: set by the sweep itself (--cache, --student, --out, "
@@ -165,7 +168,7 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
             raise ValueError(f"run {run['name']}: {exc}") from None
     cache = open_cache(cfg.cache)
     try:
-        check_tokenizer(cfg.student, cache, trust_remote_code=bool(cfg.train_overrides.get("trust_remote_code")))
+        check_tokenizer(cfg.student, cache, trust_remote_code=cfg.train_overrides.get("trust_remote_code") is True)
     except TrainError as exc:
         raise ValueError(str(exc)) from None
     clash = []
@@ -183,7 +186,12 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
 
 
 def _same_value(a: Any, b: Any) -> bool:
-    # Another spelling of the same --cache/--student/--out path is the same setting.
+    """Equal values (dicts and lists compared item by item); another spelling of the same
+    --cache/--student/--out/--eval-data path is the same setting."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
     return same_path(a, b) if isinstance(a, str) and isinstance(b, str) else a == b
 
 

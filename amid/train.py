@@ -410,7 +410,8 @@ def evaluate(
     eval_ppl (ground-truth next tokens), each a mean over target positions. With an online
     teacher also eval_kl_full, the full-vocabulary KL(p ‖ q). Under data parallelism each rank
     passes its share of the batches and every rank gets the means over all of them. The logits
-    (the student's and the teacher's) are taken EVAL_CHUNK_ELEMENTS at a time."""
+    (the student's and the teacher's) are taken EVAL_CHUNK_ELEMENTS at a time (computed so for
+    models whose head can be applied alone; other models' full logits are only sliced)."""
     model = head.model
     was_training = model.training
     model.eval()

@@ -209,6 +209,8 @@ def test_load_records_formats(tmp_path):
 def test_load_records_refusals(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_records(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="'~' is not expanded here; pass /"):
+        load_records("~/data.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": 1}\n{"a": 2}\n{"a": \n')
     with pytest.raises(DataError, match=rf"{bad}:3: malformed JSON"):

@@ -110,4 +110,8 @@ def test_sweep_cli_takes_train_flags_as_keys_and_refuses_before_writing(world, t
     assert res.exit_code == 1 and "--warmup must be at least 0" in res.stderr
     res = CliRunner().invoke(main, [*base, "--train-arg", "alpha=1"])
     assert res.exit_code == 1 and "--train-arg alpha: set by the sweep itself" in res.stderr
+    res = CliRunner().invoke(main, [*base, "--train-arg", "resume=true"])
+    assert res.exit_code == 1 and "the sweep always resumes" in res.stderr
+    res = CliRunner().invoke(main, [*base, "--train-arg", "fused=maybe"])  # a bool setting
+    assert res.exit_code == 2 and "--train-arg fused takes true or false" in res.output
     assert not out.exists()

@@ -835,3 +835,21 @@ def test_amid_eval_end_to_end_reports_what_it_measured(world, tmp_path):
     assert len((out / "generations.jsonl").read_text().splitlines()) == 6
     res = CliRunner().invoke(main, ["eval", "--model", str(run), "--data", str(data), "--out", str(out)])
     assert res.exit_code == 0 and not (out / "generations.jsonl").exists()  # no stale generations beside it
+
+
+def test_amid_eval_generation_fits_a_short_context(world, tmp_path):
+    # A 16-position student, prompts longer than half of it: the prompt keeps its end, the
+    # generation fits, nothing indexes past the positions.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from amid.evaluate import EvalConfig, evaluate
+
+    short = tmp_path / "short"
+    make_tokenizer(short)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=world["vocab"], n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                               bos_token_id=2, eos_token_id=3)).save_pretrained(short)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": " ".join(WORDS[:12]), "response": "the cat runs"}) + "\n")
+    got = evaluate(EvalConfig(model=str(short), data=str(data), rouge=True, seeds=(1,), max_new_tokens=10))
+    assert got["max_length"] == 16 and got["rouge_prompts_cut"] == 1 and 0 <= got["rougeL"] <= 100
