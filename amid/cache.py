@@ -336,14 +336,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _check_manifest(m: Any, path: Path) -> None:
+def _check_manifest(m: dict[str, Any], path: Path) -> None:
     """CacheError naming `path` unless the manifest has the structure a reader relies on (an
     edited or foreign file must not end in a KeyError deep in the trainer)."""
     def malformed(what: str) -> CacheError:
         return CacheError(f"{path}: malformed manifest ({what}); recreate the cache with `amid cache-teacher`")
 
-    if not isinstance(m, dict):
-        raise malformed(f"a JSON {type(m).__name__}, not an object")
     for key, kind in (("k", int), ("vocab_size", int), ("temperature", (int, float)), ("shards", list),
                       ("counts", dict), ("tokenizer", dict), ("teacher", dict), ("data", dict)):
         if key not in m:

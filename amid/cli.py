@@ -204,14 +204,11 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
       amid sweep --cache cache/ --student gpt2 --out sweep/ --preset kd,skl,amid \\
                  --alpha -3,-1,0,0.5,1 --lam 0.1,0.5 --train-arg max_steps=1000
     """
-    from amid.sweep import SweepConfig, run_sweep
-
-    from amid.sweep import expand_grid, failed_runs
+    from amid.sweep import SweepConfig, expand_grid, failed_runs, run_sweep
+    from amid.train import TrainConfig
 
     # KEY is a field of amid train's config.json or one of its flags (--warmup, max-steps, ...).
     flags = {opt.lstrip("-").replace("-", "_"): p.name for p in train_cmd.params for opt in p.opts}
-    from amid.train import TrainConfig
-
     bool_fields = {f.name for f in dataclasses.fields(TrainConfig) if f.type in (bool, "bool", "bool | None")}
     overrides = {}
     for item in train_args:

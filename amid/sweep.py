@@ -21,7 +21,7 @@ from typing import Any
 
 from amid.cache import write_json_atomic
 from amid.distributed import world_from_env
-from amid.paths import same_path
+from amid.paths import same_setting
 
 __all__ = ["SweepConfig", "expand_grid", "run_sweep", "failed_runs"]
 
@@ -123,7 +123,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
         spec = specs[run["name"]]
         old_spec = _old_spec(d)
         result = d / "result.json"
-        if _same_value(old_spec, spec) and result.exists() and json.loads(result.read_text()).get("status") == "ok":
+        if same_setting(old_spec, spec) and result.exists() and json.loads(result.read_text()).get("status") == "ok":
             continue
         # Same training, other evaluation settings (checked in _check): the run resumes at its last
         # step, trains nothing and is evaluated again.
@@ -177,22 +177,12 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
         if old is None:
             continue
         was, now = old.get("train") or {}, specs[run["name"]]["train"]
-        changed = sorted(k for k in {*was, *now} if not _same_value(was.get(k), now.get(k)))
+        changed = sorted(k for k in {*was, *now} if not same_setting(was.get(k), now.get(k)))
         if changed or old.get("run") != specs[run["name"]]["run"]:
             clash.append(f"{run['name']} ({', '.join(changed) or 'loss'})")
     if clash:
         raise ValueError(f"{cfg.out}: runs trained with other settings under the same names: {'; '.join(clash)}; "
                          f"rerun with those settings, delete the runs, or choose another --out")
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    """Equal values (dicts and lists compared item by item); another spelling of the same
-    --cache/--student/--out/--eval-data path is the same setting."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-    return same_path(a, b) if isinstance(a, str) and isinstance(b, str) else a == b
 
 
 def failed_runs(cfg: SweepConfig) -> list[str]:

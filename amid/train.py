@@ -54,7 +54,7 @@ from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
-from amid.paths import same_path
+from amid.paths import same_path, same_setting
 from amid.teacher import architecture, check_model_name, resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
@@ -404,14 +404,15 @@ def batch_loss(
 @torch.no_grad()
 def evaluate(
     head: Head, batches: list[dict[str, Any]], loss_cfg: LossConfig, device, autocast, teacher: OnlineTeacher | None = None,
-    ranks: Ranks = Ranks(),
+    ranks: Ranks = Ranks(), chunk_elements: int | None = None,
 ) -> dict[str, float]:
     """Held-out eval_loss (the training objective), eval_kl (KL(p̄ ‖ q̄), k + 1 bins), eval_ce and
     eval_ppl (ground-truth next tokens), each a mean over target positions. With an online
     teacher also eval_kl_full, the full-vocabulary KL(p ‖ q). Under data parallelism each rank
     passes its share of the batches and every rank gets the means over all of them. The logits
-    (the student's and the teacher's) are taken EVAL_CHUNK_ELEMENTS at a time (computed so for
-    models whose head can be applied alone; other models' full logits are only sliced)."""
+    (the student's and the teacher's) are taken `chunk_elements` (default EVAL_CHUNK_ELEMENTS)
+    at a time (computed so for models whose head can be applied alone; other models' full logits
+    are only sliced)."""
     model = head.model
     was_training = model.training
     model.eval()
@@ -420,7 +421,7 @@ def evaluate(
         sums["eval_kl_full"] = 0.0
     n = 0
     width = _vocab_size(model)
-    rows_per_chunk = max(1, EVAL_CHUNK_ELEMENTS // width)
+    rows_per_chunk = max(1, (chunk_elements or EVAL_CHUNK_ELEMENTS) // width)
     for cpu_batch in batches:
         batch = _to_device(cpu_batch, device)
         student = head.logit_chunks(batch, rows_per_chunk)
@@ -600,7 +601,7 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
     exempt = RESUMABLE_CHANGES | {"out"} | ({"cache"} if "cache_id" in state else set())
     changed = sorted(
         k for k, v in TrainConfig.from_dict({**saved, **legacy}).to_dict().items()
-        if k not in exempt and k not in legacy and not _same_setting(cfg.to_dict()[k], v)
+        if k not in exempt and k not in legacy and not same_setting(cfg.to_dict()[k], v)
     )
     if changed:
         raise TrainError(
@@ -628,11 +629,6 @@ def _foreign_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return True
     return not (isinstance(config, dict) and {"cache", "student", "out"} <= set(config))
-
-
-def _same_setting(mine: Any, saved: Any) -> bool:
-    """Equal settings; two spellings of one existing path (relative, absolute, a symlink) count as equal."""
-    return same_path(mine, saved) if isinstance(mine, str) and isinstance(saved, str) else mine == saved
 
 
 def _damaged_checkpoint(what: Path, exc: BaseException, ckpt: Path) -> str:

@@ -553,11 +553,7 @@ def bench_eval(meter, args, Row) -> list:
 
     def run(chunk, judge, out):
         def fn():
-            amid_train.EVAL_CHUNK_ELEMENTS = chunk
-            try:
-                out.update(amid_train.evaluate(head, [batch], cfg, dev, autocast, judge))
-            finally:
-                amid_train.EVAL_CHUNK_ELEMENTS = default
+            out.update(amid_train.evaluate(head, [batch], cfg, dev, autocast, judge, chunk_elements=chunk))
         return fn
 
     rows = []
