@@ -339,16 +339,23 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
         messages = [{"role": "user", "content": prompt}]
+        turn = messages + [{"role": "assistant", "content": target}]
         prompt_ids = _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        full = _as_ids(
-            tokenizer.apply_chat_template(
-                messages + [{"role": "assistant", "content": target}], tokenize=True
-            )
-        )
-        if full[: len(prompt_ids)] != prompt_ids:  # template re-tokenized the prompt: fall back to splicing
-            # closed by EOS, as the other templates are (the template's own end-of-turn is lost here)
-            eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
-            full = prompt_ids + tokenizer(target, add_special_tokens=False)["input_ids"] + eos
+        full = _as_ids(tokenizer.apply_chat_template(turn, tokenize=True))
+        if full[: len(prompt_ids)] != prompt_ids:
+            # The prompt's tokens are not a prefix of the whole conversation's: a response that starts
+            # with a newline merges with the template's own ("\n" + "\n" -> "\n\n"), or the template
+            # renders the user turn differently once an assistant turn follows. Splice: the prompt as
+            # it is tokenized at generation time, then the rest of the rendered text (the response and
+            # the template's end of turn); when even the text is not a prefix, the response closed by
+            # EOS, as the other templates close it.
+            prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            full_text = tokenizer.apply_chat_template(turn, tokenize=False)
+            if full_text.startswith(prompt_text):
+                full = prompt_ids + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+            else:
+                eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+                full = prompt_ids + tokenizer(target, add_special_tokens=False)["input_ids"] + eos
         return full, len(prompt_ids)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]

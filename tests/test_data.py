@@ -351,6 +351,33 @@ def test_a_response_ending_in_the_eos_text_gets_one_eos(tok, tok_chat):
     assert targets(f).count(tok.eos_token_id) == 2
 
 
+def test_chat_splice_keeps_the_templates_end_of_turn():
+    # The generation prompt ends in a space that the response's first word takes in the whole
+    # conversation (" fine"): the prompt's tokens are not a prefix of the conversation's. The
+    # splice keeps the prompt as it is tokenized at generation time and the template's own end of
+    # turn (not a bare EOS).
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    t = train_tokenizer(300, chat_template=template)
+    msgs = [{"role": "user", "content": "hello there"}]
+    prompt = list(t.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
+    whole = list(t.apply_chat_template(msgs + [{"role": "assistant", "content": "fine"}], tokenize=True)["input_ids"])
+    assert whole[: len(prompt)] != prompt  # the case under test
+    (ex,), _, _ = build_examples([{"prompt": "hello there", "response": "fine"}], t, TemplateConfig(template="chat"), "m")
+    assert ex.input_ids[: len(prompt)] == prompt and ex.positions[0] == len(prompt) - 1
+    assert t.decode(targets(ex)) == "fine<|im_end|>\n"
+    assert t.eos_token_id not in targets(ex)
+
+
+def test_chat_response_starting_with_a_newline_in_the_real_qwen2_template():
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(shared_path("tokenizers", "qwen2"))
+    (ex,), _, _ = build_examples([{"prompt": "Hi", "response": "\n\nHello"}], qwen, TemplateConfig(template="chat"), "m")
+    assert qwen.decode(ex.input_ids[: ex.positions[0] + 1]).endswith("<|im_start|>assistant\n")
+    assert qwen.decode(targets(ex)) == "\n\nHello<|im_end|>\n"
+
+
 def test_chat_template_that_rewrites_the_prompt_is_spliced_and_closed_by_eos():
     # A template that renders the user turn differently once an assistant turn follows: the
     # prompt's tokens are not a prefix of the whole, so the response is spliced after them.
