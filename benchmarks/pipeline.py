@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from benchmarks.cache_format import add_examples, measure_decode_rate, one_core
