@@ -10,18 +10,24 @@ import dataclasses
 import functools
 import json
 import sys
+import time
 
 import click
 
 from amid import __version__
+
+RANK_ERROR_GRACE_S = 30  # see friendly_errors
 
 
 def friendly_errors(fn):
     """Turn the library's expected errors into one-line click errors.
 
     Under torchrun every rank meets the same refusal (bad data, a wrong cache, a diverged loss):
-    rank 0 says it and the others exit quietly. An OSError may be one rank's own (its disk), so
-    every rank reports that, naming itself."""
+    rank 0 says it and the others wait RANK_ERROR_GRACE_S before saying it too, naming themselves
+    (torchrun normally ends them first, once rank 0 has exited; waiting keeps them from ending rank
+    0 before it has said anything, when it is still busy writing a checkpoint). Errors that are one
+    rank's own are reported at once by that rank, naming itself: an OSError (its disk), or an
+    error marked `this_rank_only` (cache-teacher's shards differ by rank)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -36,11 +42,15 @@ def friendly_errors(fn):
             message = _first_line(exc)
             raise click.ClickException(f"rank {rank}: {message}" if world > 1 else message) from None
         except (DataError, CacheError, ValueError, click.ClickException) as exc:
-            if world > 1 and rank > 0:
-                sys.exit(1)
+            own = world > 1 and getattr(exc, "this_rank_only", False)  # the other ranks do not meet it
+            if world > 1 and rank > 0 and not own:
+                # Rank 0 meets the same error and says it; torchrun then ends this process. Exiting at
+                # once would let torchrun end rank 0 first where it is still busy (writing a checkpoint).
+                time.sleep(RANK_ERROR_GRACE_S)
+                raise click.ClickException(f"rank {rank}: {_first_line(exc)}") from None  # rank 0 did not
             if isinstance(exc, click.ClickException):
                 raise
-            raise click.ClickException(_first_line(exc)) from None
+            raise click.ClickException(f"rank {rank}: {_first_line(exc)}" if own else _first_line(exc)) from None
 
     return wrapper
 

@@ -168,6 +168,11 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Perplexity (and ROUGE-L if asked) of a model directory or a run directory's final model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from amid.cache import write_json_atomic
+    from amid.distributed import world_from_env
+
+    if world_from_env()[2] > 1:  # every rank would evaluate everything and write the same files
+        raise ValueError("amid eval runs in one process; run it without torchrun (--device picks the GPU)")
     path = Path(cfg.model)
     for sub in ("final", "checkpoint"):  # a run directory: its final model, else its last checkpoint
         if (path / sub / "config.json").exists():
@@ -194,5 +199,5 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if not cfg.rouge:  # an earlier evaluation's generations would pass for this one's
             (Path(cfg.out) / "generations.jsonl").unlink(missing_ok=True)
-        (Path(cfg.out) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(Path(cfg.out) / "eval.json", result)
     return result

@@ -164,13 +164,25 @@ def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU."""
+    """"auto": this process's GPU (LOCAL_RANK under torchrun) if there is one, else the CPU.
+    ValueError for a device this machine does not have (torch would fail later, deep inside)."""
     if device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
         # Under torchrun/accelerate each process takes its own GPU.
         return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:  # torch's own message lists every device type it knows
+        raise ValueError(f"--device {device}: not a device; use cpu, cuda, cuda:N or auto") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this machine (or this torch build, {torch.__version__}) has no CUDA "
+                             f"device; use --device cpu or auto")
+        if chosen.index is not None and chosen.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return chosen
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -275,16 +287,20 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     total_positions = sum(len(e.positions) for e in examples)
     if rank == 0:
         log(f"amid cache-teacher: {len(examples)} examples, {total_positions} target positions, "
-            f"{len(tasks)} shards ({len(tasks) - len(mine)} already done), k={k}, teacher {dtype} on {device} "
+            f"{len(tasks)} shards ({len(finished)} already done), k={k}, teacher {dtype} on {device} "
             f"(logits: {header['teacher_logits']})")
     bar = tqdm(total=todo_positions, unit="pos", unit_scale=True, disable=not progress, desc="caching", dynamic_ncols=True)
-    for task in mine:
-        writer = ShardWriter(out, task, vocab_size, k)
-        for batch in iter_batches(tasks[task], cfg.max_tokens, cfg.batch_size):
-            for ex, (ids, lps, tail) in zip(batch, _forward(logits, batch, k, cfg.temperature, device, pad, cfg.data)):
-                writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
-            bar.update(sum(len(e.positions) for e in batch))
-        state.add(writer.close())
+    try:
+        for task in mine:
+            writer = ShardWriter(out, task, vocab_size, k)
+            for batch in iter_batches(tasks[task], cfg.max_tokens, cfg.batch_size):
+                for ex, (ids, lps, tail) in zip(batch, _forward(logits, batch, k, cfg.temperature, device, pad, cfg.data)):
+                    writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
+                bar.update(sum(len(e.positions) for e in batch))
+            state.add(writer.close())
+    except (CacheError, DataError, ValueError) as exc:
+        exc.this_rank_only = True  # met on this rank's shards alone: the CLI reports it on every rank
+        raise
     bar.close()
 
     counts = {"records": stats.records, "truncated": stats.truncated,

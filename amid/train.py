@@ -591,8 +591,9 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
     if saved_world != ranks.world:
         raise TrainError(
             f"{out}: the run was trained by {saved_world} process(es), this is {ranks.world}; a step takes "
-            f"--grad-accum x processes batches, so resume with {saved_world} (torchrun --nproc-per-node "
-            f"{saved_world}, or no launcher for 1) or choose another --out"
+            f"--grad-accum x processes batches, so resume "
+            f"{'in one process (no launcher)' if saved_world == 1 else f'under torchrun --nproc-per-node {saved_world}'}"
+            f" or choose another --out"
         )
     saved = state["config"]
     legacy = {k: v for k, v in ADDED_SETTINGS.items() if saved.get(k, v) == v}
@@ -717,6 +718,10 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     # --- cache, student, compatibility
     cache = open_cache(cfg.cache)
     cache_id = cache.content_id
+    if len(set(ranks.gather(cache_id))) > 1:  # on several nodes each reads its own copy at --cache
+        raise TrainError(f"{cfg.cache}: the {ranks.world} processes read different caches under this path (their "
+                         f"shards differ); every process must see the same cache: put it on a shared file system "
+                         f"or copy the same one to every node")
     if resume_state is not None and resume_state.get("cache_id", cache_id) != cache_id:
         raise TrainError(f"{cfg.cache}: not the cache this run was trained on (its shards differ from the "
                          f"ones {ckpt_dir} recorded); resume with that cache, or choose another --out")
@@ -785,7 +790,9 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     if resume_state is not None and resume_state["step"] >= total_steps:
         log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
         summary_path = out / "summary.json"
-        if summary_path.exists():
+        finished = summary_path.exists()
+        ranks.barrier()  # every rank has looked before rank 0 writes it below (else some would skip the barrier)
+        if finished:
             return json.loads(summary_path.read_text())
         # Killed after the last checkpoint, before final/ or summary.json: finish those writes.
         summary = _rebuilt_summary(out, resume_state, total_steps, ranks.world)
@@ -866,6 +873,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             "cache_id": cache_id, **({"rng_ranks": rngs} if ranks.world > 1 else {}),
         })
 
+    if scaler.is_enabled():  # its scale now, not at the first scale(): a rank without batches in its first
+        scaler.scale(torch.zeros((), device=device))  # step (the stream ends mid-step) still unscales
     last_saved = resume_state["step"] if resume_state is not None else None
     first_eval = run_eval() if resume_state is None else _initial_eval(out)
     last_eval, last_eval_step = first_eval, (0 if first_eval else None)

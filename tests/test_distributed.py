@@ -69,6 +69,10 @@ CASES = {
     # Batches by padded tokens, two batches per rank and step, fp16 autocast with its GradScaler.
     "max-tokens-fp16": dict(accum=2, max_tokens=120, max_steps=4, eval_every=2, alpha=-1.0, warmup_steps=0,
                             shuffle_buffer=32, dtype="fp16"),
+    # fp16 with one batch in all: rank 1 has none in its first step and must still unscale (its
+    # GradScaler's scale is set before the first step, not by its first scale()).
+    "fp16-first-step-without-batch": dict(accum=1, batch_size=100, epochs=1, eval_every=1000, warmup_steps=0,
+                                          shuffle_buffer=100, dtype="fp16"),
 }
 
 
@@ -158,6 +162,22 @@ def test_ranks_that_see_different_checkpoints_are_refused(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_ranks_that_read_different_caches_are_refused(world, tmp_path):
+    # On several nodes each reads its own --cache: same path, other shards, other data.
+    import amid.train as amid_train
+
+    class OtherCache(Ranks):
+        def barrier(self) -> None:
+            pass
+
+        def gather(self, obj):
+            return [obj, "another cache" if isinstance(obj, str) else obj]
+
+    with pytest.raises(TrainError, match="read different caches under this path"):
+        amid_train._train(config(world, tmp_path / "run"), torch.device("cpu"), OtherCache(rank=0, world=2), quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_ranks_serve_the_one_stream_between_them(world):
     # Every rank walks the whole stream (same positions), collates only batch i mod W = rank,
     # and together they serve exactly the single-process stream, from the start or mid-stream.
@@ -227,6 +247,60 @@ def test_device_under_torchrun(monkeypatch):
     assert amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cpu")) == torch.device("cpu")
     with pytest.raises(TrainError, match="--device cuda:0 names one GPU"):
         amid_train._train_device(TrainConfig(cache="c", student="s", out="o", device="cuda:0"))
+
+
+def test_devices_this_machine_lacks_are_refused_in_one_line(monkeypatch):
+    from amid.teacher import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: .* no CUDA device; use --device cpu or auto"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="--device gpu: not a device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="has 2 CUDA device\\(s\\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cli_errors_under_torchrun_name_the_rank_that_is_alone_in_meeting_them(monkeypatch):
+    import click
+
+    import amid.cli as cli
+    from amid.cache import CacheError
+
+    def failing(own: bool):
+        @cli.friendly_errors
+        def command():
+            exc = CacheError("shard 3: bad")
+            if own:
+                exc.this_rank_only = True
+            raise exc
+        return command
+
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(click.ClickException, match="^shard 3: bad$"):
+        failing(own=False)()
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(click.ClickException, match="^rank 1: shard 3: bad$"):  # one rank's own: said at once
+        failing(own=True)()
+    assert slept == []
+    with pytest.raises(click.ClickException, match="^rank 1: shard 3: bad$"):  # rank 0 says it first
+        failing(own=False)()
+    assert slept == [cli.RANK_ERROR_GRACE_S]
+
+
+def test_amid_eval_under_torchrun_is_refused(monkeypatch, tmp_path):
+    from amid.evaluate import EvalConfig, evaluate
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process; run it without torchrun"):
+        evaluate(EvalConfig(model=str(tmp_path), data=str(tmp_path / "d.jsonl"), out=str(tmp_path / "e")))
+    assert not (tmp_path / "e").exists()
 
 
 def test_several_ranks_without_torch_distributed_are_refused_in_one_line(monkeypatch):
