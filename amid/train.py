@@ -62,6 +62,7 @@ __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES"
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 STATE_FILE = "trainer_state.pt"
+LOCK_FILE = ".lock"
 FUSED_MIN_VOCAB = 16384
 # Evaluation takes the logits of this many (row × vocabulary) elements at a time (128 MiB of
 # float32) where the model's head can be applied alone (`Head.plain`): a held-out batch then
@@ -558,7 +559,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | None:
+def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: RunLock) -> dict[str, Any] | None:
     """Check the run directory; returns the trainer state to resume from, or None for a fresh run.
     Writes nothing but the recovery of an interrupted checkpoint rename and the removal of a
     killed run's JSON temporaries (rank 0)."""
@@ -567,6 +568,7 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks) -> dict[str, Any] | No
     if _foreign_dir(out):
         raise TrainError(f"{out}: holds a model or a cache, not an amid run (its config.json or manifest.json "
                          f"would be overwritten); choose an empty or new --out")
+    lock.take()  # before the first write below: another run may be writing this directory
     if ranks.main:
         _recover_checkpoint(ckpt)
         for name in ("config.json", "summary.json"):  # a killed run's half-written ones (rank 0 writes them)
@@ -678,10 +680,47 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     """
     device = _train_device(cfg)
     ranks = start_ranks(device)
+    lock = RunLock(Path(cfg.out), enabled=ranks.main)
     try:
-        return _train(cfg, device, ranks, log if ranks.main else _silent)
+        return _train(cfg, device, ranks, log if ranks.main else _silent, lock)
     finally:
+        lock.release()
         ranks.close()
+
+
+class RunLock:
+    """An exclusive lock on RUN_DIR/.lock, held by rank 0 while it trains: a second `amid train`
+    in the same directory (a --resume started while the run still goes) is refused before it
+    writes anything, instead of writing checkpoints beside it. The kernel drops the lock when the
+    process ends, kill -9 included, so a killed run leaves none behind. A directory that does not
+    exist yet is locked once it is made; a file system without locks is left unlocked."""
+
+    def __init__(self, out: Path, enabled: bool = True):
+        self.out, self.enabled, self._fh = out, enabled, None
+
+    def take(self) -> None:
+        if not self.enabled or self._fh is not None or not self.out.is_dir():
+            return
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            return
+        fh = open(self.out / LOCK_FILE, "a")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            raise TrainError(f"{self.out}: another amid train is running in this directory; wait for it to end (or "
+                             f"stop it) before resuming, or choose another --out") from None
+        except OSError:  # no locks here (some network file systems)
+            fh.close()
+            return
+        self._fh = fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 def _silent(_message: str) -> None:
@@ -700,10 +739,12 @@ def _train_device(cfg: TrainConfig) -> torch.device:
     return device
 
 
-def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[str], None]) -> dict[str, Any]:
+def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[str], None],
+           lock: RunLock | None = None) -> dict[str, Any]:
     start_time = time.time()
     out = Path(cfg.out)
-    resume_state = _prepare_run_dir(cfg, log, ranks)
+    lock = lock or RunLock(out, enabled=False)
+    resume_state = _prepare_run_dir(cfg, log, ranks, lock)
     views = ranks.gather(None if resume_state is None else (resume_state["step"], resume_state["position"]))
     if any(v != views[0] for v in views):  # else their collectives would no longer pair up
         raise TrainError(f"{out}: the {ranks.world} processes see different checkpoints (steps "
@@ -833,6 +874,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         _seed_everything(cfg.seed + ranks.rank)  # rank 0 seeds as one process does; dropout differs per rank
     if ranks.main:
         out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory behind
+        lock.take()
         write_json_atomic(out / "config.json", cfg.to_dict())
 
     n_params = sum(p.numel() for p in params)

@@ -298,6 +298,27 @@ def test_final_model_loads_in_plain_transformers_and_generates(world, tmp_path):
         assert gen.shape[1] == ids["input_ids"].shape[1] + 5
 
 
+def test_a_second_trainer_in_a_running_directory_is_refused_before_writing(world, tmp_path):
+    import fcntl
+
+    import amid.train as amid_train
+
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=2, save_every=1), log=quiet)
+    before = {f: f.stat().st_mtime_ns for f in out.rglob("*")}
+    with open(out / amid_train.LOCK_FILE, "a") as held:  # what the running trainer holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TrainError, match="another amid train is running in this directory"):
+            train(config(world, out, max_steps=4, save_every=1, resume=True), log=quiet)
+        assert {f: f.stat().st_mtime_ns for f in out.rglob("*")} == before
+    # Released when the holder ends (a killed trainer's process too): the resume goes ahead.
+    assert train(config(world, out, max_steps=4, save_every=1, resume=True), log=quiet)["steps"] == 4
+    fresh = tmp_path / "fresh"
+    train(config(world, fresh, max_steps=1), log=quiet)  # locked once made, released at the end
+    with open(fresh / amid_train.LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 @pytest.mark.parametrize("lm", [False, True], ids=["cache", "cache+lm"])
 def test_resume_after_crash_matches_uninterrupted_run(world, tmp_path, monkeypatch, lm):
     # A GPT-2 student with dropout (RNG state matters), a padded vocabulary, gradient
