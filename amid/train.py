@@ -589,19 +589,28 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: RunLock) -> dict
             raise ValueError("not a trainer state")
     except Exception as exc:  # truncated, overwritten or foreign: unpickling errors vary by damage
         raise TrainError(_damaged_checkpoint(ckpt / STATE_FILE, exc, ckpt)) from None
-    saved_world = state.get("world_size", 1)
-    if saved_world != ranks.world:
-        raise TrainError(
-            f"{out}: the run was trained by {saved_world} process(es), this is {ranks.world}; a step takes "
-            f"--grad-accum x processes batches, so resume "
-            f"{'in one process (no launcher)' if saved_world == 1 else f'under torchrun --nproc-per-node {saved_world}'}"
-            f" or choose another --out"
-        )
     saved = state["config"]
+    saved_world, saved_accum = state.get("world_size", 1), saved.get("grad_accum", 1)
+    per_step = saved_world * saved_accum  # batches a step: what the data plan and the schedule follow
+    if saved_world != ranks.world and per_step != ranks.world * cfg.grad_accum:
+        fits = (f"--grad-accum {per_step // ranks.world} on {ranks.world} process(es)" if per_step % ranks.world == 0
+                else "in one process (no launcher)" if saved_world == 1
+                else f"under torchrun --nproc-per-node {saved_world}")
+        raise TrainError(
+            f"{out}: the run was trained by {saved_world} process(es) with --grad-accum {saved_accum}, {per_step} "
+            f"batches a step; this is {ranks.world} x {cfg.grad_accum}; resume {fits} (the same batches a step), "
+            f"or choose another --out"
+        )
+    if saved_world != ranks.world:
+        log(f"note: resuming a run of {saved_world} process(es) x --grad-accum {saved_accum} on {ranks.world} x "
+            f"{cfg.grad_accum}: the same batches a step; a student with dropout draws its masks per process, so "
+            f"it departs from an uninterrupted run")
     legacy = {k: v for k, v in ADDED_SETTINGS.items() if saved.get(k, v) == v}
     # The run directory is where the checkpoint was found; the cache is compared by content
-    # once it is open (`cache_id`), by path only for checkpoints older than that record.
-    exempt = RESUMABLE_CHANGES | {"out"} | ({"cache"} if "cache_id" in state else set())
+    # once it is open (`cache_id`), by path only for checkpoints older than that record. Another
+    # --grad-accum is the other half of another number of processes (checked above).
+    exempt = (RESUMABLE_CHANGES | {"out"} | ({"cache"} if "cache_id" in state else set())
+              | ({"grad_accum"} if saved_world != ranks.world else set()))
     changed = sorted(
         k for k, v in TrainConfig.from_dict({**saved, **legacy}).to_dict().items()
         if k not in exempt and k not in legacy and not same_setting(cfg.to_dict()[k], v)
@@ -866,7 +875,11 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             scaler.load_state_dict(resume_state["scaler"])
         if ranks.main:
             _truncate_metrics(metrics_path, step)
-        _set_rng_state(resume_state["rng_ranks"][ranks.rank] if ranks.world > 1 else resume_state["rng"])
+        rngs = resume_state.get("rng_ranks") or [resume_state["rng"]]
+        if ranks.rank < len(rngs):
+            _set_rng_state(rngs[ranks.rank])
+        else:  # a rank the run did not have (resumed on more processes): a stream of its own
+            _seed_everything(cfg.seed + ranks.rank + 7919 * step)
         log(f"resuming {out} at step {step} (epoch {position.epoch}, window {position.window}, batch {position.batch})")
     else:
         if ranks.main:

@@ -2,7 +2,8 @@
 
 W ranks with --grad-accum A must take the steps of one process with A × W: same losses, same
 evaluation, same final weights. A run killed between checkpoints resumes on the same number of
-ranks with the same losses (each rank's RNG restored), and a resume on another number is refused.
+ranks with the same losses (each rank's RNG restored); on another number it resumes when the
+batches a step (processes x grad-accum) stay the same, and is refused otherwise.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def test_two_rank_run_resumes_on_two_ranks_and_refuses_one(world, tmp_path):
     assert sorted(_losses(tmp_path / "split")) == [1, 2, 3]
 
     saved = TrainConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
-    with pytest.raises(TrainError, match="trained by 2 process"):
+    with pytest.raises(TrainError, match="trained by 2 process.*4 batches a step; this is 1 x 2; resume "
+                                         "--grad-accum 4 on 1 process"):
         train(TrainConfig(**{**saved.to_dict(), "resume": True, "max_steps": 6}), log=quiet)
 
     _torchrun(world, tmp_path / "split", *common, "--max-steps", "6", "--resume")
@@ -143,6 +145,25 @@ def test_two_rank_run_resumes_on_two_ranks_and_refuses_one(world, tmp_path):
     # Every rank refuses a second run into the same directory; the message is printed once.
     refused = _torchrun(world, tmp_path / "whole", *common, "--max-steps", "6", ok=False)
     assert refused.stderr.count("already holds a run; pass --resume") == 1, refused.stderr[-4000:]
+
+
+def test_a_two_rank_run_resumes_in_one_process_with_twice_the_grad_accum(world, tmp_path):
+    # The same batches a step (processes x grad-accum): a run rescheduled on fewer GPUs goes on.
+    # A student without dropout: the steps equal one uninterrupted process with grad-accum 4.
+    common = ("--student", world["student"], "--batch-size", "4", "--schedule", "constant", "--warmup", "0",
+              "--eval-every", "1000", "--shuffle-buffer", "32")
+    _torchrun(world, tmp_path / "split", *common, "--grad-accum", "2", "--save-every", "3", "--max-steps", "3")
+    whole = config(world, tmp_path / "whole", batch_size=4, grad_accum=4, schedule="constant", max_steps=6,
+                   lr=5e-3, shuffle_buffer=32)
+    train(whole, log=quiet)
+    logs: list[str] = []
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "split" / "config.json").read_text()))
+    train(TrainConfig(**{**saved.to_dict(), "resume": True, "max_steps": 6, "grad_accum": 4}), log=logs.append)
+    assert any("note: resuming a run of 2 process(es) x --grad-accum 2 on 1 x 4" in m for m in logs), logs
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
 
 
 def test_ranks_that_see_different_checkpoints_are_refused(world, tmp_path):
