@@ -159,6 +159,8 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
 
 
 def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations | None]:
+    if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        return _load_saved(path, split), None  # a `datasets` save_to_disk directory
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(_BUILDERS)}) found")
@@ -187,11 +189,26 @@ def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations
 
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        extra = {"encoding": "utf-8-sig"} if builder == "text" else {}  # a byte-order mark is no text
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         raise DataError(f"{path}: could not be read as {builder}: {_first_line(exc)}") from exc
     records = [dict(r) for r in ds]
     return records, (locations if locations is not None and len(locations) == len(records) else None)
+
+
+def _load_saved(path: Path, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: could not be read with datasets.load_from_disk: {_first_line(exc)}") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); pass --split")
+        ds = ds[split]
+    return [dict(r) for r in ds]
 
 
 def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
@@ -249,6 +266,8 @@ def _utf8(raw: bytes, path: Path, lineno: int) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
+    while exc.__cause__ is not None and type(exc).__name__ == "DatasetGenerationError":
+        exc = exc.__cause__  # "An error occurred while generating the dataset": the reason is its cause
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

@@ -16,10 +16,12 @@ from typing import Any, Sequence
 import torch
 
 from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, field_text, load_records, where
-from amid.heads import context_length
-from amid.loader import pad_right
+from amid.heads import Head, context_length
+from amid.loader import pad_right, target_rows
 
 __all__ = ["rouge_l", "rouge_tokens", "perplexity", "generate_rouge", "EvalConfig", "evaluate"]
+
+CHUNK_ELEMENTS = 1 << 25  # logits a perplexity chunk holds at once (128 MiB in float32)
 
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -63,15 +65,22 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
     examples, stats, _ = build_examples(records, tokenizer, template, source)
     total_nll, total_tokens = 0.0, 0
     model.eval()
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i: i + batch_size]
+    # Logits of the target rows only, CHUNK_ELEMENTS at a time where the head is plain: a batch of
+    # 8 x 1024 tokens at V = 151936 would otherwise be 5 GB of float32 logits.
+    head = Head(model)
+    width = head.head.weight.shape[0] if head.head is not None else model.config.vocab_size
+    step = max(1, CHUNK_ELEMENTS // width)
+    order = sorted(examples, key=lambda e: len(e.input_ids))  # less padding; the sums do not care
+    for i in range(0, len(order), batch_size):
+        batch = order[i: i + batch_size]
         ids, mask = pad_right([e.input_ids for e in batch], 0)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for j, e in enumerate(batch):
-            pos = torch.tensor(e.positions, device=logits.device)
-            targets = ids[j, pos.cpu() + 1].to(logits.device)
-            total_nll += torch.nn.functional.cross_entropy(logits[j, pos], targets, reduction="sum").item()
-            total_tokens += len(e.positions)
+        rows = target_rows([torch.as_tensor(e.positions, dtype=torch.long) for e in batch], ids.shape[1])
+        targets = ids.reshape(-1)[rows + 1].to(device)
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "rows": rows.to(device)}
+        for j, z in enumerate(head.logit_chunks(inputs, step)):
+            total_nll += torch.nn.functional.cross_entropy(
+                z.float(), targets[j * step: (j + 1) * step], reduction="sum").item()
+        total_tokens += len(rows)
     ce = total_nll / max(total_tokens, 1)
     return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": total_tokens, "examples": len(examples),
             "truncated": stats.truncated, "skipped_no_target": stats.skipped_empty,
@@ -105,6 +114,7 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
     per_seed = []
     rows = []
     cut_prompts = set()
+    stop_ids = _stop_ids(model, tokenizer, chat)
     for seed in seeds:
         torch.manual_seed(seed)
         scores = []
@@ -121,6 +131,7 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
             out = model.generate(
                 **enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                 top_p=top_p, max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                eos_token_id=stop_ids,
             )
             text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             score = rouge_l(text, ref)
@@ -135,6 +146,25 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
     mean = sum(per_seed) / len(per_seed)
     return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "rouge_examples": len(prompts),
             "rouge_skipped_no_reference": len(records) - len(keep), "rouge_prompts_cut": len(cut_prompts)}
+
+
+def _stop_ids(model, tokenizer, chat: bool) -> list[int] | None:
+    """Token ids that end a generation: the model's own EOS ids, and with `chat` the special token
+    that closes an assistant turn in the chat template (Qwen's <|im_end|>, Llama 3's <|eot_id|>),
+    which training with --template chat taught the student to emit where the turn ends."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if chat and getattr(tokenizer, "chat_template", None) is not None:
+        probe = "amid-probe"
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+        after = text[text.rfind(probe) + len(probe):] if probe in text else ""
+        added = tokenizer.added_tokens_decoder
+        closing = [t for t in tokenizer(after, add_special_tokens=False)["input_ids"] if t in added and added[t].special]
+        ids.extend(closing[:1])
+    return sorted(set(ids)) or None
 
 
 def _encode_prompt(tokenizer, prompt: str, chat: bool):

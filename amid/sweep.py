@@ -94,7 +94,15 @@ def run_one(run_dir: Path) -> dict[str, Any]:
     if spec.get("eval_data"):
         from amid.evaluate import EvalConfig, evaluate
 
-        ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0,
+        from amid.cache import open_cache
+
+        # The cache's own template and fields, so that test perplexity and ROUGE-L see the format
+        # training saw (a chat template above all); other templates read the test file by its fields.
+        data = open_cache(spec["train"]["cache"], verify=False).manifest.get("data", {})
+        fields = data.get("fields", {})
+        as_cached = {"template": "chat" if data.get("template") == "chat" else "auto",
+                     **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text")}}
+        ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0, **as_cached,
                                  rouge_limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,
                                  device=spec["train"].get("device", "auto")))
         result["test_ppl"] = ev["ppl"]

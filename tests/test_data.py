@@ -390,3 +390,27 @@ def test_chat_template_that_rewrites_the_prompt_is_spliced_and_closed_by_eos():
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)  # a BatchEncoding in new transformers
     assert ex.input_ids == prompt + enc(t, "fine") + [t.eos_token_id]
     assert targets(ex) == enc(t, "fine") + [t.eos_token_id]
+
+
+def test_datasets_save_to_disk_directories_and_text_byte_order_marks(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    assert [dict(r) for r in load_records(str(tmp_path / "one"))] == rows
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(load_records(str(tmp_path / "dict"), split="test")) == 1
+    with pytest.raises(DataError, match="no split 'dev'.*--split"):
+        load_records(str(tmp_path / "dict"), split="dev")
+    (tmp_path / "bom.txt").write_text("line one\nline two\n", encoding="utf-8-sig")
+    assert [r["text"] for r in load_records(str(tmp_path / "bom.txt"))] == ["line one", "line two"]
+
+
+def test_unreadable_csv_and_text_name_the_reason(tmp_path):
+    (tmp_path / "ragged.csv").write_text('prompt,response\n"a","b"\n"c","d","e"\n')
+    with pytest.raises(DataError, match="Expected 2 fields in line 3"):
+        load_records(str(tmp_path / "ragged.csv"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="can't decode byte 0xe9"):
+        load_records(str(tmp_path / "latin1.txt"))

@@ -78,3 +78,42 @@ def test_paper_table_reads_the_recipes_eval_files(tmp_path, capsys):
     # kd: mean 21 + i, sample std of (20 + i, 22 + i) = √2; average over the five sets 23.
     assert rows["kd"] == "| kd | 21.00 (1.41) | 22.00 (1.41) | 23.00 (1.41) | 24.00 (1.41) | 25.00 (1.41) | 23.00 |"
     assert rows["amid_a0.5"] == "| amid_a0.5 | 30.00 | · | · | · | · | · |"
+
+
+def test_chat_generations_stop_at_the_templates_end_of_turn():
+    from types import SimpleNamespace
+
+    from helpers import CHATML_TEMPLATE, train_tokenizer
+
+    from amid.evaluate import _stop_ids
+
+    tok = train_tokenizer(chat_template=CHATML_TEMPLATE)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=tok.eos_token_id))
+    assert _stop_ids(model, tok, chat=False) == [tok.eos_token_id]
+    assert _stop_ids(model, tok, chat=True) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
+
+
+def test_perplexity_takes_logits_of_the_target_rows_only(tmp_path):
+    # the same cross-entropy as the model's full logits, computed from its target rows
+    import math
+
+    import torch
+    from helpers import make_model, train_tokenizer, write_jsonl
+
+    from amid.data import TemplateConfig, build_examples, load_records
+    from amid.evaluate import perplexity
+
+    tok = train_tokenizer(300)
+    model = make_model("llama", 300, tok)
+    recs = [{"prompt": f"Q{i}: " + "word " * (i * 7 % 23), "response": "answer " * (1 + i % 5)} for i in range(11)]
+    src = str(write_jsonl(tmp_path / "d.jsonl", recs))
+    got = perplexity(model, tok, src, TemplateConfig(), batch_size=4)
+    examples, _, _ = build_examples(load_records(src), tok, TemplateConfig(), src)
+    nll = n = 0
+    with torch.no_grad():
+        for e in examples:
+            z = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            t = torch.tensor(e.positions)
+            nll += torch.nn.functional.cross_entropy(z[t], torch.tensor(e.input_ids)[t + 1], reduction="sum").item()
+            n += len(e.positions)
+    assert got["tokens"] == n and math.isclose(got["ce"], nll / n, rel_tol=1e-5)
