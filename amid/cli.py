@@ -313,7 +313,7 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Autocast dtype (auto: bf16/fp16 on GPU, fp32 on CPU); weights stay fp32.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available; under torchrun cuda:LOCAL_RANK).")
-@click.option("--fused/--no-fused", default=None, help="LM head fused with the loss. [on for CUDA, vocab >= 16k]")
+@click.option("--fused/--no-fused", default=None, help="LM head fused with the loss. [on for vocab >= 16k]")
 @click.option("--online-teacher", default=None,
               help="Reference path: run this teacher every step, full-vocabulary loss (compare with the cache).")
 @click.option("--eval-teacher", default=None,
