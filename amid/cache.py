@@ -379,10 +379,13 @@ def mismatch_message(directory: Path, old: dict[str, Any], new: dict[str, Any]) 
                     == {k: v for k, v in new_data.items() if k != "examples_sha256"})
     if (only_content and old.get("amid_version") != new.get("amid_version")
             and all(old.get(key) == new.get(key) for key in ("teacher", "tokenizer", "k", "temperature"))):
+        from amid.data import example_changes
+
         finish = "" if (directory / MANIFEST).exists() else f", or finish this one with amid {old.get('amid_version')}"
+        changes = "; ".join(example_changes(old.get("amid_version"), new.get("amid_version")))
         return (f"{directory} holds a cache made by amid {old.get('amid_version')}, which turned the same data into "
-                f"other examples than amid {new.get('amid_version')} does (0.3.0 skips records without a "
-                f"response and gives a response that ends in the EOS text one EOS); cache into a new --out{finish}")
+                f"other examples than amid {new.get('amid_version')} does{f' ({changes})' if changes else ''}; "
+                f"cache into a new --out{finish}")
     diffs = []
     for key in ("teacher", "tokenizer", "k", "temperature", "data"):
         a, b = old.get(key), new.get(key)

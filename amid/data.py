@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES",
-           "field_text", "where"]
+           "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes"]
 
 TEMPLATES = ("auto", "text", "plain", "dolly", "chat")
 
@@ -48,6 +48,25 @@ _BUILDERS = {
     ".txt": "text",
     ".text": "text",
 }
+
+
+# What each amid version changed in the examples it builds from the same records: a cache started
+# by an older version cannot be resumed by a newer one (the message lists these).
+EXAMPLE_CHANGES = {
+    "0.3.0": "records without a response are skipped; a response that ends in the EOS text gets one EOS",
+    "0.4.0": "a chat response whose first token merges with the prompt's keeps the template's end of turn; a "
+             "text record or chat response that ends in its closing token's text is closed once",
+}
+
+
+def example_changes(old: str | None, new: str | None) -> list[str]:
+    """EXAMPLE_CHANGES of the versions after `old` up to `new` (all of them for an unknown `old`)."""
+    def key(version: str | None) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in str(version).split(".")[:3])
+        except ValueError:
+            return ()
+    return [f"{v}: {text}" for v, text in EXAMPLE_CHANGES.items() if key(old) < key(v) <= key(new)]
 
 
 class DataError(ValueError):
@@ -341,17 +360,48 @@ def _split(record: dict[str, Any], template: str, cfg: TemplateConfig, where: st
     return field_text(record, cfg.prompt_field, where), field_text(record, cfg.response_field, where)
 
 
-def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig,
-            where: str) -> tuple[list[int], int] | None:
+def chat_end_of_turn(tokenizer) -> int | None:
+    """The special token a chat template closes an assistant turn with (Qwen's <|im_end|>, Llama
+    3's <|eot_id|>): the first special token it renders after the turn's content. None without
+    a chat template, or where the template puts no special token there."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return None
+    probe = "amid-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
+                                             tokenize=False)
+    except Exception:  # a template that needs more than a user and an assistant turn
+        return None
+    if probe not in text:
+        return None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    after = tokenizer(text[text.rfind(probe) + len(probe):], add_special_tokens=False)["input_ids"]
+    return next((t for t in after if t in special), None)
+
+
+def _closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, ...]:
+    """Texts of the tokens that close an example (EOS; with a chat template its end of turn too):
+    a record that ends in one of them literally (MiniLLM's processed Dolly ends every response in
+    "<|endoftext|>") would otherwise be closed twice."""
+    texts = []
+    if getattr(tokenizer, "eos_token", None) and (cfg.add_eos or template == "chat"):
+        texts.append(tokenizer.eos_token)
+    if template == "chat" and (turn_end := chat_end_of_turn(tokenizer)) is not None:
+        texts.append(tokenizer.convert_ids_to_tokens(turn_end))
+    return tuple(dict.fromkeys(t for t in texts if t))
+
+
+def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig, where: str,
+            closing: tuple[str, ...] = ()) -> tuple[list[int], int] | None:
     """input_ids and the index of the first target token; None for a record with nothing to
     learn: empty text, or an instruction record with an empty response (its only target would
-    be the closing EOS)."""
+    be the closing EOS). A target that ends in one of the `closing` texts loses it: the
+    template closes the example with that token itself."""
     prompt, target = _split(record, template, cfg, where)
-    eos_text = getattr(tokenizer, "eos_token", None)
-    if eos_text and template != "text" and (cfg.add_eos or template == "chat") and target.rstrip().endswith(eos_text):
-        # Responses that end in the EOS token's text (MiniLLM's processed Dolly does): the template
-        # closes the response with the EOS id itself, so the literal one would be a second EOS.
-        target = target.rstrip()[: -len(eos_text)]
+    for text in closing:
+        if target.rstrip().endswith(text):
+            target = target.rstrip()[: -len(text)]
+            break
     if not target.strip():
         return None
     if template == "chat":
@@ -408,10 +458,11 @@ def build_examples(
     if not isinstance(records, list):
         records = list(records)
     template, cfg = resolve_template(records, cfg, source)
+    closing = _closing_texts(tokenizer, template, cfg)
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
     for index, record in enumerate(records):
-        encoded = _encode(tokenizer, record, template, cfg, where(records, index, source))
+        encoded = _encode(tokenizer, record, template, cfg, where(records, index, source), closing)
         if encoded is None:
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)

@@ -15,7 +15,9 @@ from typing import Any, Sequence
 
 import torch
 
-from amid.data import DataError, TemplateConfig, build_examples, dolly_prompt, field_text, load_records, where
+from amid.data import (
+    DataError, TemplateConfig, build_examples, chat_end_of_turn, dolly_prompt, field_text, load_records, where,
+)
 from amid.heads import Head, context_length
 from amid.loader import pad_right, target_rows
 
@@ -156,14 +158,8 @@ def _stop_ids(model, tokenizer, chat: bool) -> list[int] | None:
     ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    if chat and getattr(tokenizer, "chat_template", None) is not None:
-        probe = "amid-probe"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": probe}],
-                                             tokenize=False)
-        after = text[text.rfind(probe) + len(probe):] if probe in text else ""
-        added = tokenizer.added_tokens_decoder
-        closing = [t for t in tokenizer(after, add_special_tokens=False)["input_ids"] if t in added and added[t].special]
-        ids.extend(closing[:1])
+    if chat and (turn_end := chat_end_of_turn(tokenizer)) is not None:
+        ids.append(turn_end)
     return sorted(set(ids)) or None
 
 

@@ -378,6 +378,39 @@ def test_chat_response_starting_with_a_newline_in_the_real_qwen2_template():
     assert qwen.decode(targets(ex)) == "\n\nHello<|im_end|>\n"
 
 
+def test_text_or_chat_records_that_end_in_their_closing_token_text_are_closed_once(tok, tok_chat):
+    eos = tok.eos_token
+    (a,), _, _ = build_examples([{"text": "Hello world."}], tok, TemplateConfig(template="text"), "m")
+    (b,), stats, _ = build_examples([{"text": f"Hello world.{eos}"}, {"text": eos}], tok, TemplateConfig(template="text"),
+                                    "m")
+    assert b.input_ids == a.input_ids and b.input_ids.count(tok.eos_token_id) == 1
+    assert stats.skipped_empty == 1  # a record that is only the separator has nothing to learn
+    # A chat response ending in the template's literal end of turn: one <|im_end|>, not two.
+    (c,), _, _ = build_examples([{"prompt": "Q?", "response": "Paris."}], tok_chat, TemplateConfig(template="chat"), "m")
+    (d,), _, _ = build_examples([{"prompt": "Q?", "response": "Paris.<|im_end|>"}], tok_chat,
+                                TemplateConfig(template="chat"), "m")
+    im_end = tok_chat.convert_tokens_to_ids("<|im_end|>")
+    assert d.input_ids == c.input_ids and targets(d).count(im_end) == 1
+
+
+def test_chat_end_of_turn_of_the_templates(tok, tok_chat):
+    from amid.data import chat_end_of_turn
+
+    assert chat_end_of_turn(tok_chat) == tok_chat.convert_tokens_to_ids("<|im_end|>")
+    assert chat_end_of_turn(tok) is None  # no chat template
+    plain = train_tokenizer(300, chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    assert chat_end_of_turn(plain) is None  # no special token closes its turns
+
+
+def test_chat_end_of_turn_of_the_real_qwen2_template():
+    from transformers import AutoTokenizer
+
+    from amid.data import chat_end_of_turn
+
+    qwen = AutoTokenizer.from_pretrained(shared_path("tokenizers", "qwen2"))
+    assert qwen.convert_ids_to_tokens(chat_end_of_turn(qwen)) == "<|im_end|>"
+
+
 def test_chat_template_that_rewrites_the_prompt_is_spliced_and_closed_by_eos():
     # A template that renders the user turn differently once an assistant turn follows: the
     # prompt's tokens are not a prefix of the whole, so the response is spliced after them.
