@@ -151,6 +151,7 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
         click.echo(json.dumps(out, indent=2))
         return
     c = m["counts"]
+    limit = "" if m["data"].get("limit") is None else f", first {m['data']['limit']} records"
     rows = [
         ("cache", cache_dir),
         ("teacher", m["teacher"]["name_or_path"] + f" ({m.get('teacher_dtype', '?')}"
@@ -159,7 +160,7 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
         ("vocab (logits)", m["vocab_size"]),
         ("top-k", m["k"]),
         ("temperature", m["temperature"]),
-        ("data", f"{m['data']['source']} (template {m['data']['template']})"),
+        ("data", f"{m['data']['source']} (template {m['data']['template']}{limit})"),
         ("examples", c["examples"]),
         ("target positions", c["positions"]),
         ("truncated / too long / no target", f"{c.get('truncated', 0)} / {c.get('skipped_too_long', 0)} / "

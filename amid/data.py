@@ -259,6 +259,8 @@ def _check_json_file(path: Path) -> tuple[bool, list[int]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
+                if not numbers and line.lstrip().startswith("{"):
+                    _refuse_one_object(path)  # a pretty-printed JSON object, not JSON Lines
                 raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
@@ -274,6 +276,18 @@ def _check_json_file(path: Path) -> tuple[bool, list[int]]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: a JSON file must hold an array of objects")
     return True, list(range(len(data)))
+
+
+def _refuse_one_object(path: Path) -> None:
+    """DataError if the whole file is one JSON object (valid JSON, but not records); else return."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return
+    if isinstance(data, dict):
+        keys = ", ".join(list(data)[:5])
+        raise DataError(f"{path}: holds one JSON object (keys: {keys}), not records; write one object per line "
+                        f"(JSON Lines) or an array of objects")
 
 
 def _utf8(raw: bytes, path: Path, lineno: int) -> str:

@@ -786,6 +786,10 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         model, tokenizer = _load_student(cfg.student, cfg.trust_remote_code)
     check_compatible(cfg.student, model, tokenizer, cache)
     log(f"amid train: config {json.dumps(cfg.to_dict())}")
+    loss = cfg.loss
+    if cfg.alpha is not None and loss.lam in (0.0, 1.0) and loss.lam_end is None:
+        log(f"note: --alpha {cfg.alpha} has no effect here: with λ = {loss.lam:g} (preset {cfg.preset}) the mixture is "
+            f"the {'student' if loss.lam == 0 else 'teacher'} whatever α is; pass --lam between 0 and 1, or --preset amid")
     amp_dtype = resolve_dtype(cfg.dtype, device)
     model.to(device)
     ranks.broadcast_params(model.parameters())

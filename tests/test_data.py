@@ -447,3 +447,14 @@ def test_unreadable_csv_and_text_name_the_reason(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match="can't decode byte 0xe9"):
         load_records(str(tmp_path / "latin1.txt"))
+
+
+def test_a_json_file_holding_one_object_is_refused_in_words(tmp_path):
+    f = tmp_path / "wrapped.json"
+    f.write_text(json.dumps({"data": [{"prompt": "p", "response": "r"}], "version": 1}, indent=2))
+    with pytest.raises(DataError, match=r"wrapped.json: holds one JSON object \(keys: data, version\), not records"):
+        load_records(str(f))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p",\n')  # broken, not an object: still named by line
+    with pytest.raises(DataError, match=r"bad.jsonl:1: malformed JSON"):
+        load_records(str(bad))

@@ -874,3 +874,13 @@ def test_amid_eval_generation_fits_a_short_context(world, tmp_path):
     data.write_text(json.dumps({"prompt": " ".join(WORDS[:12]), "response": "the cat runs"}) + "\n")
     got = evaluate(EvalConfig(model=str(short), data=str(data), rouge=True, seeds=(1,), max_new_tokens=10))
     assert got["max_length"] == 16 and got["rouge_prompts_cut"] == 1 and 0 <= got["rougeL"] <= 100
+
+
+def test_an_alpha_that_cannot_matter_is_noted(world, tmp_path):
+    logs: list[str] = []
+    train(config(world, tmp_path / "kd", preset="kd", alpha=0.5, max_steps=1), log=logs.append)
+    assert any("note: --alpha 0.5 has no effect here: with λ = 0 (preset kd) the mixture is the student" in m
+               for m in logs), logs
+    logs.clear()
+    train(config(world, tmp_path / "amid", preset="amid", alpha=0.5, max_steps=1), log=logs.append)
+    assert not any("has no effect" in m for m in logs)
