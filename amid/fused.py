@@ -55,7 +55,11 @@ MODES = ("auto", "recompute", "forward")
 
 # Elements of one chunk of logits (rows × V in the forward, N × columns in the backward).
 _CHUNK_ELEMENTS = 1 << 25  # compiled kernels: 64 MiB of bf16 logits, no float32 temporaries
-_CHUNK_ELEMENTS_EAGER = 1 << 23  # eager: 32 MiB of float32 logits per matmul (elementwise work: amid.bins)
+# Eager (the CPU): 256 MiB of float32 logits per matmul (amid.bins cuts the elementwise work into
+# cache-sized pieces itself). The "forward" strategy adds each chunk's [V, H] weight gradient into
+# one accumulator, a pass over V × H per chunk: at 2^23 (55 rows at V = 151936) that pass made the
+# fused loss 1.55x the materialised one at N = 2048; at 2^26 (441 rows) 0.98x (RESULTS.md).
+_CHUNK_ELEMENTS_EAGER = 1 << 26
 
 
 # ----------------------------------------------------------------------------------------------
@@ -485,9 +489,8 @@ def fused_sparse_loss(
         topk_ids, topk_logprobs, tail_logmass: the cache's targets, as for `sparse_loss`.
         config: the objective.
         chunk_size: token rows per chunk of logits (default: about 32M logits per chunk with
-            the compiled kernels, 8M in eager mode; the "recompute" forward takes 4× as many
-            rows); the backward's vocabulary blocks hold as many
-            logits as a chunk.
+            the compiled kernels, 64M in eager mode; the compiled "recompute" forward takes 4× as
+            many rows); the backward's vocabulary blocks hold as many logits as a chunk.
         mode: "auto", "recompute" or "forward" (see the module docstring). "auto" picks
             "forward" for float32/float64 and "recompute" for bf16/fp16.
         check_ids: as for `sparse_loss` (refuse repeated ids; the trainer passes False).

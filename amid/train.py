@@ -105,7 +105,7 @@ class TrainConfig:
     `eval_cache` instead evaluates on a separate cache and trains on all of `cache`.
     `fused` None: the fused LM-head loss for vocabularies of at least FUSED_MIN_VOCAB tokens
     (below that the logits are small and compiling the fused kernels does not pay). On the CPU
-    too: a 4.9M-parameter student at V = 151936 trained 20 steps in 0.86x the time and 0.25x the
+    too: a 4.9M-parameter student at V = 151936 trained 20 steps in 0.84x the time and 0.32x the
     peak memory of materialised logits (benchmarks/RESULTS.md, "The fused loss in training").
     `online_teacher`: instead of the cache's top-k, run this teacher on every batch and use the
     full-vocabulary loss (`full_loss`): the reference the cache is compared against. The cache
