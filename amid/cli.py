@@ -256,6 +256,7 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
+@click.option("--split", default="train", show_default=True, help="Split of a datasets name or saved DatasetDict.")
 @click.option("--rouge", is_flag=True, help="Also sample responses and score ROUGE-L (instruction data).")
 @click.option("--seeds", default="10,20,30,40,50", show_default=True, help="Sampling seeds for ROUGE-L (mean reported).")
 @click.option("--max-new-tokens", default=256, show_default=True)

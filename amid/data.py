@@ -20,6 +20,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -61,11 +62,9 @@ EXAMPLE_CHANGES = {
 
 def example_changes(old: str | None, new: str | None) -> list[str]:
     """EXAMPLE_CHANGES of the versions after `old` up to `new` (all of them for an unknown `old`)."""
-    def key(version: str | None) -> tuple[int, ...]:
-        try:
-            return tuple(int(x) for x in str(version).split(".")[:3])
-        except ValueError:
-            return ()
+    def key(version: str | None) -> tuple[int, ...]:  # "0.4.0rc1" -> (0, 4, 0); unknown -> ()
+        parts = [re.match(r"\d+", x) for x in str(version).split(".")[:3]]
+        return tuple(int(m.group()) for m in parts) if all(parts) else ()
     return [f"{v}: {text}" for v, text in EXAMPLE_CHANGES.items() if key(old) < key(v) <= key(new)]
 
 
@@ -225,7 +224,8 @@ def _load_saved(path: Path, split: str) -> list[dict[str, Any]]:
         raise DataError(f"{path}: could not be read with datasets.load_from_disk: {_first_line(exc)}") from exc
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); pass --split")
+            raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); pass --split, or point --data at "
+                            f"{path / next(iter(ds))} (a split's own directory)")
         ds = ds[split]
     return [dict(r) for r in ds]
 
@@ -423,8 +423,8 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
         messages = [{"role": "user", "content": prompt}]
         turn = messages + [{"role": "assistant", "content": target}]
-        prompt_ids = _as_ids(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        full = _as_ids(tokenizer.apply_chat_template(turn, tokenize=True))
+        prompt_ids = _as_ids(_chat(tokenizer, messages, where, add_generation_prompt=True, tokenize=True))
+        full = _as_ids(_chat(tokenizer, turn, where, tokenize=True))
         if full[: len(prompt_ids)] != prompt_ids:
             # The prompt's tokens are not a prefix of the whole conversation's: a response that starts
             # with a newline merges with the template's own ("\n" + "\n" -> "\n\n"), or the template
@@ -432,8 +432,8 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
             # it is tokenized at generation time, then the rest of the rendered text (the response and
             # the template's end of turn); when even the text is not a prefix, the response closed by
             # EOS, as the other templates close it.
-            prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            full_text = tokenizer.apply_chat_template(turn, tokenize=False)
+            prompt_text = _chat(tokenizer, messages, where, add_generation_prompt=True, tokenize=False)
+            full_text = _chat(tokenizer, turn, where, tokenize=False)
             if full_text.startswith(prompt_text):
                 full = prompt_ids + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
             else:
@@ -446,6 +446,16 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     ids = bos + prompt_ids + target_ids + eos
     return ids, len(bos) + len(prompt_ids)
+
+
+def _chat(tokenizer, messages: list[dict[str, str]], where: str, **kwargs):
+    """The tokenizer's chat template applied; a template that raises (many refuse a conversation
+    without a system turn, or check roles) is a DataError naming the record."""
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as exc:  # jinja2's TemplateError, or whatever the template raises
+        raise DataError(f"{where}: the tokenizer's chat template refused a user turn + assistant turn "
+                        f"({_first_line(exc)}); use another --template, or a tokenizer whose template takes them") from None
 
 
 def _as_ids(out) -> list[int]:
@@ -546,6 +556,9 @@ def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text"):
                         f"pass --lm-text-field")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     texts = [str(r.get(text_field) or "") for r in records]
+    if eos and tokenizer.eos_token:  # a text that ends in the EOS text is closed once, as build_examples does
+        texts = [t.rstrip()[: -len(tokenizer.eos_token)] if t.rstrip().endswith(tokenizer.eos_token) else t
+                 for t in texts]
     parts = []  # int32 arrays of 1,000 documents each: no Python list of every token
     for start in range(0, len(texts), 1000):
         seqs = tokenizer(texts[start: start + 1000], add_special_tokens=False)["input_ids"]

@@ -58,9 +58,9 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: int | None = None,
-               batch_size: int = 8, device: str | torch.device = "cpu") -> dict[str, float]:
+               batch_size: int = 8, device: str | torch.device = "cpu", split: str = "train") -> dict[str, float]:
     """Cross-entropy and perplexity of the model on the target tokens of a dataset."""
-    records = load_records(source, limit=limit)
+    records = load_records(source, split=split, limit=limit)
     context = context_length(model)
     if context and template.max_length > context:  # longer inputs would index past the positions
         template = dataclasses.replace(template, max_length=context)
@@ -93,12 +93,12 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
 def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", response_field: str = "response",
                    limit: int | None = None, seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
                    temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu",
-                   save_to: str | Path | None = None, chat: bool = False) -> dict[str, Any]:
+                   save_to: str | Path | None = None, chat: bool = False, split: str = "train") -> dict[str, Any]:
     """Sample a response per prompt for each seed; ROUGE-L F1 against the reference, averaged
     over examples then over seeds (the papers' protocol). Generations are saved as JSONL.
     With `chat`, each prompt is a user turn through the tokenizer's chat template (as training
     with `--template chat` saw it)."""
-    records = load_records(source, limit=limit)
+    records = load_records(source, split=split, limit=limit)
     if response_field not in records[0] and "output" in records[0]:
         response_field = "output"
     fields = set(records[0])
@@ -182,6 +182,7 @@ class EvalConfig:
     text_field: str = "text"
     max_length: int = 1024
     limit: int | None = None
+    split: str = "train"  # of a datasets name or a save_to_disk DatasetDict
     rouge: bool = False
     rouge_limit: int | None = None  # prompts scored by ROUGE-L (default: the same as limit)
     seeds: tuple[int, ...] = (10, 20, 30, 40, 50)
@@ -215,12 +216,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               max_length=cfg.max_length, overflow="truncate")
     result: dict[str, Any] = {"model": cfg.model, "model_dir": str(path) if path.exists() else cfg.model,
                               "data": cfg.data}
-    result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device))
+    result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device, split=cfg.split))
     if cfg.rouge:
         save = Path(cfg.out) / "generations.jsonl" if cfg.out else None
         result.update(generate_rouge(model, tokenizer, cfg.data, cfg.prompt_field, cfg.response_field,
                                      limit=cfg.rouge_limit or cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
-                                     device=device, save_to=save, chat=cfg.template == "chat"))
+                                     device=device, save_to=save, chat=cfg.template == "chat", split=cfg.split))
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if not cfg.rouge:  # an earlier evaluation's generations would pass for this one's

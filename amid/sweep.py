@@ -101,7 +101,8 @@ def run_one(run_dir: Path) -> dict[str, Any]:
         data = open_cache(spec["train"]["cache"], verify=False).manifest.get("data", {})
         fields = data.get("fields", {})
         as_cached = {"template": "chat" if data.get("template") == "chat" else "auto",
-                     **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text")}}
+                     **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text")},
+                     **({"max_length": data["max_length"]} if isinstance(data.get("max_length"), int) else {})}
         ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0, **as_cached,
                                  rouge_limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,
                                  device=spec["train"].get("device", "auto")))
@@ -174,11 +175,19 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
             TrainConfig(**{**specs[run["name"]]["train"], "resume": True})
         except ValueError as exc:
             raise ValueError(f"run {run['name']}: {exc}") from None
+    from transformers import AutoTokenizer
+
     cache = open_cache(cfg.cache)
+    trust = cfg.train_overrides.get("trust_remote_code") is True
     try:
-        check_tokenizer(cfg.student, cache, trust_remote_code=cfg.train_overrides.get("trust_remote_code") is True)
+        check_tokenizer(cfg.student, cache, trust_remote_code=trust)
     except TrainError as exc:
         raise ValueError(str(exc)) from None
+    if cfg.eval_data and cache.manifest.get("data", {}).get("template") == "chat":
+        if getattr(AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=trust), "chat_template", None) is None:
+            raise ValueError(f"--eval-data: the cache {cfg.cache} was built with --template chat, and the student "
+                             f"{cfg.student}'s tokenizer has no chat template to evaluate through; give the student "
+                             f"the teacher's chat template (tokenizer_config.json), or drop --eval-data")
     clash = []
     for run in runs:
         old = _old_spec(_run_dir(cfg, run["name"]))

@@ -63,6 +63,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final")  # what makes a directory a run's
 FUSED_MIN_VOCAB = 16384
 # Evaluation takes the logits of this many (row × vocabulary) elements at a time (128 MiB of
 # float32) where the model's head can be applied alone (`Head.plain`): a held-out batch then
@@ -563,8 +564,9 @@ def _seed_everything(seed: int) -> None:
 
 def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: RunLock) -> dict[str, Any] | None:
     """Check the run directory; returns the trainer state to resume from, or None for a fresh run.
-    Writes nothing but the recovery of an interrupted checkpoint rename and the removal of a
-    killed run's JSON temporaries (rank 0)."""
+    Writes nothing but, in an existing directory, its lock file and (once it holds the lock) the
+    recovery of an interrupted checkpoint rename and the removal of a killed run's JSON
+    temporaries (rank 0)."""
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     if _foreign_dir(out):
@@ -579,7 +581,7 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: RunLock) -> dict
     ranks.barrier()
     has_ckpt = (ckpt / STATE_FILE).exists()
     if not cfg.resume:
-        if any((out / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoint", "final")):
+        if any((out / name).exists() for name in RUN_FILES):
             raise TrainError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         return None
     if not has_ckpt:
@@ -755,6 +757,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     start_time = time.time()
     out = Path(cfg.out)
     lock = lock or RunLock(out, enabled=False)
+    existed = out.is_dir()  # what _prepare_run_dir checks (and locks, if it exists)
     resume_state = _prepare_run_dir(cfg, log, ranks, lock)
     views = ranks.gather(None if resume_state is None else (resume_state["step"], resume_state["position"]))
     if any(v != views[0] for v in views):  # else their collectives would no longer pair up
@@ -887,13 +890,19 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         else:  # a rank the run did not have (resumed on more processes): a stream of its own
             _seed_everything(cfg.seed + ranks.rank + 7919 * step)
         log(f"resuming {out} at step {step} (epoch {position.epoch}, window {position.window}, batch {position.batch})")
-    else:
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory behind
+        lock.take()
+        if not existed and any((out / name).exists() for name in RUN_FILES):
+            # --out did not exist when _prepare_run_dir looked: another amid train made it since
+            # (and may have finished already, unlocking it); this one must not write over it.
+            raise TrainError(f"{out}: another amid train started in this directory while this one was loading; "
+                             f"pass --resume to continue its run once it has ended, or choose another --out")
+    if resume_state is None:
         if ranks.main:
             metrics_path.unlink(missing_ok=True)
         _seed_everything(cfg.seed + ranks.rank)  # rank 0 seeds as one process does; dropout differs per rank
     if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no directory behind
-        lock.take()
         write_json_atomic(out / "config.json", cfg.to_dict())
 
     n_params = sum(p.numel() for p in params)

@@ -458,3 +458,32 @@ def test_a_json_file_holding_one_object_is_refused_in_words(tmp_path):
     bad.write_text('{"prompt": "p",\n')  # broken, not an object: still named by line
     with pytest.raises(DataError, match=r"bad.jsonl:1: malformed JSON"):
         load_records(str(bad))
+
+
+def test_example_changes_between_versions():
+    from amid.data import EXAMPLE_CHANGES, example_changes
+
+    assert [c.split(":")[0] for c in example_changes("0.2.0", "0.4.0")] == ["0.3.0", "0.4.0"]
+    assert [c.split(":")[0] for c in example_changes("0.3.0rc1", "0.4.0")] == ["0.4.0"]
+    assert example_changes("0.4.0", "0.4.0") == []
+    assert len(example_changes(None, "99.0.0")) == len(EXAMPLE_CHANGES)  # an unknown old version: all
+
+
+def test_a_chat_template_that_raises_names_the_record(tmp_path):
+    template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn first') }}{% endif %}"
+    t = train_tokenizer(300, chat_template=template)
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: the tokenizer's chat template refused .*a system turn first"):
+        build_examples(load_records(str(f)), t, TemplateConfig(template="chat"), str(f))
+
+
+def test_a_saved_dataset_dict_split_is_chosen_or_named(tmp_path):
+    import datasets
+
+    rows = [{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[1:])}).save_to_disk(str(tmp_path / "dd"))
+    assert [r["prompt"] for r in load_records(str(tmp_path / "dd"), split="test")] == ["p2"]
+    with pytest.raises(DataError, match=r"no split 'dev' \(splits: train, test\); pass --split, or point --data at "
+                                        r".*dd/train"):
+        load_records(str(tmp_path / "dd"), split="dev")

@@ -117,3 +117,19 @@ def test_perplexity_takes_logits_of_the_target_rows_only(tmp_path):
             nll += torch.nn.functional.cross_entropy(z[t], torch.tensor(e.input_ids)[t + 1], reduction="sum").item()
             n += len(e.positions)
     assert got["tokens"] == n and math.isclose(got["ce"], nll / n, rel_tol=1e-5)
+
+
+def test_perplexity_reads_the_split_it_is_given(tmp_path):
+    import datasets
+    from helpers import make_model, train_tokenizer
+
+    from amid.data import TemplateConfig
+    from amid.evaluate import perplexity
+
+    tok = train_tokenizer(300)
+    model = make_model("llama", 300, tok)
+    rows = [{"prompt": f"Q{i}: ", "response": "answer " * (i + 1)} for i in range(3)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                          "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dd"))
+    assert perplexity(model, tok, str(tmp_path / "dd"), TemplateConfig())["examples"] == 3
+    assert perplexity(model, tok, str(tmp_path / "dd"), TemplateConfig(), split="test")["examples"] == 1

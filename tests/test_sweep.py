@@ -97,6 +97,21 @@ def test_sweep_under_torchrun_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_chat_cache_evaluated_with_a_student_without_chat_template_is_refused_up_front(world, tmp_path):  # noqa: F811
+    import shutil
+
+    cache = tmp_path / "chat_cache"
+    shutil.copytree(world["cache"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["data"]["template"] = "chat"  # as if built with --template chat
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    cfg = SweepConfig(cache=str(cache), student=world["student"], out=str(tmp_path / "sweep"), presets=("kd",),
+                      eval_data=str(tmp_path / "test.jsonl"), train_overrides={"max_steps": 1, "device": "cpu"})
+    with pytest.raises(ValueError, match="--template chat, and the student .* has no chat template"):
+        run_sweep(cfg, log=lambda m: None)
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_sweep_cli_takes_train_flags_as_keys_and_refuses_before_writing(world, tmp_path):  # noqa: F811
     from click.testing import CliRunner
 

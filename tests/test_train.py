@@ -509,6 +509,10 @@ def test_lm_blocks_pack_tokenized_text_closed_by_eos(world):
         lm_blocks(str(data), tok, 16, text_field="body")
     with pytest.raises(DataError, match="fewer than one block"):
         lm_blocks(str(data), tok, len(want) + 1)
+    # A text that ends in the EOS text is closed once, as in the cache's examples.
+    closed = world["root"] / "closed.jsonl"
+    closed.write_text("".join(json.dumps({"text": t + tok.eos_token}) + "\n" for t in texts))
+    assert lm_blocks(str(closed), tok, 16).tolist() == blocks.tolist()
 
 
 def test_lm_stream_is_a_function_of_the_index_and_covers_every_block():
@@ -884,3 +888,25 @@ def test_an_alpha_that_cannot_matter_is_noted(world, tmp_path):
     logs.clear()
     train(config(world, tmp_path / "amid", preset="amid", alpha=0.5, max_steps=1), log=logs.append)
     assert not any("has no effect" in m for m in logs)
+
+
+def test_a_fresh_run_that_loses_the_race_for_a_new_directory_writes_nothing(world, tmp_path, monkeypatch):
+    # --out did not exist when this run looked; another amid train made it, wrote its metrics and
+    # finished (its lock released) while this one loaded the cache and the student.
+    import amid.train as amid_train
+
+    out = tmp_path / "run"
+    real = amid_train.open_cache
+
+    def other_run_meanwhile(*args, **kwargs):
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"cache": "c", "student": "s", "out": str(out)}))
+        (out / "metrics.jsonl").write_text('{"step": 0, "eval_kl": 1.0}\n')
+        (out / "summary.json").write_text('{"steps": 99}')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(amid_train, "open_cache", other_run_meanwhile)
+    with pytest.raises(TrainError, match="another amid train started in this directory"):
+        train(config(world, out), log=quiet)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0, "eval_kl": 1.0}\n'
+    assert json.loads((out / "summary.json").read_text()) == {"steps": 99}
