@@ -100,6 +100,8 @@ def main() -> None:
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
+@click.option("--messages-field", default="messages", show_default=True,
+              help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
 @click.option("--split", default="train", show_default=True, help="Split of a datasets name.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
 @click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per shard, at most.")
@@ -254,6 +256,8 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
+@click.option("--messages-field", default="messages", show_default=True,
+              help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--split", default="train", show_default=True, help="Split of a datasets name or saved DatasetDict.")

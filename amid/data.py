@@ -11,8 +11,10 @@ Templates:
 - "dolly": databricks-dolly style `instruction` / `context` / `response`, wrapped in the
   Alpaca/Dolly instruction template used by MiniLLM, DistiLLM and AMiD.
 - "chat": prompt as a user turn and response as the assistant turn, through the tokenizer's
-  chat template.
-- "auto": "text" if the text field exists, else "plain" if prompt/response exist, else "dolly".
+  chat template; or a conversation (`messages_field`: a list of {"role", "content"}) whose
+  assistant turns are all targets.
+- "auto": "text" if the text field exists, else "chat" for a messages field, else "plain" if
+  prompt/response exist, else "dolly".
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class TemplateConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     text_field: str = "text"
+    messages_field: str = "messages"  # chat: a list of {"role", "content"} messages per record
     max_length: int = 1024
     overflow: str = "error"  # "error" | "truncate" | "skip"
     add_eos: bool = True
@@ -318,6 +321,8 @@ def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source:
         template = cfg.template
     elif cfg.text_field in fields:
         template = "text"
+    elif cfg.messages_field in fields:
+        template = "chat"
     elif cfg.prompt_field in fields and cfg.response_field in fields:
         template = "plain"
     elif "instruction" in fields and cfg.response_field in fields:
@@ -325,14 +330,14 @@ def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source:
     else:
         raise DataError(
             f"{source}: fields {sorted(fields)} match no template; expected '{cfg.text_field}' "
-            f"(text), '{cfg.prompt_field}'/'{cfg.response_field}' (instruction data) or "
-            f"'instruction'/'response' (Dolly); name yours with --text-field / --prompt-field / "
-            f"--response-field"
+            f"(text), '{cfg.messages_field}' (chat), '{cfg.prompt_field}'/'{cfg.response_field}' (instruction "
+            f"data) or 'instruction'/'response' (Dolly); name yours with --text-field / --messages-field / "
+            f"--prompt-field / --response-field"
         )
     needed = {
         "text": [cfg.text_field],
         "plain": [cfg.prompt_field, cfg.response_field],
-        "chat": [cfg.prompt_field, cfg.response_field],
+        "chat": [cfg.messages_field] if cfg.messages_field in fields else [cfg.prompt_field, cfg.response_field],
         "dolly": ["instruction", cfg.response_field],
     }[template]
     missing = [f for f in needed if f not in fields]
@@ -406,46 +411,99 @@ def _closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, 
 
 
 def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig, where: str,
-            closing: tuple[str, ...] = ()) -> tuple[list[int], int] | None:
-    """input_ids and the index of the first target token; None for a record with nothing to
-    learn: empty text, or an instruction record with an empty response (its only target would
-    be the closing EOS). A target that ends in one of the `closing` texts loses it: the
-    template closes the example with that token itself."""
-    prompt, target = _split(record, template, cfg, where)
-    for text in closing:
-        if target.rstrip().endswith(text):
-            target = target.rstrip()[: -len(text)]
-            break
-    if not target.strip():
-        return None
+            closing: tuple[str, ...] = ()) -> tuple[list[int], list[tuple[int, int]]] | None:
+    """input_ids and the [start, end) spans of its target tokens (one span, or one per assistant
+    turn of a conversation); None for a record with nothing to learn: empty text, or an
+    instruction record with an empty response (its only target would be the closing EOS). A
+    target that ends in one of the `closing` texts loses it: the template closes the example
+    with that token itself."""
     if template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
-        messages = [{"role": "user", "content": prompt}]
-        turn = messages + [{"role": "assistant", "content": target}]
-        prompt_ids = _as_ids(_chat(tokenizer, messages, where, add_generation_prompt=True, tokenize=True))
-        full = _as_ids(_chat(tokenizer, turn, where, tokenize=True))
-        if full[: len(prompt_ids)] != prompt_ids:
-            # The prompt's tokens are not a prefix of the whole conversation's: a response that starts
-            # with a newline merges with the template's own ("\n" + "\n" -> "\n\n"), or the template
-            # renders the user turn differently once an assistant turn follows. Splice: the prompt as
-            # it is tokenized at generation time, then the rest of the rendered text (the response and
-            # the template's end of turn); when even the text is not a prefix, the response closed by
-            # EOS, as the other templates close it.
-            prompt_text = _chat(tokenizer, messages, where, add_generation_prompt=True, tokenize=False)
-            full_text = _chat(tokenizer, turn, where, tokenize=False)
-            if full_text.startswith(prompt_text):
-                full = prompt_ids + tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-            else:
-                eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
-                full = prompt_ids + tokenizer(target, add_special_tokens=False)["input_ids"] + eos
-        return full, len(prompt_ids)
+        if cfg.messages_field in record:
+            messages = _messages(record, cfg.messages_field, where, closing)
+        else:
+            prompt, target = _split(record, template, cfg, where)
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _unclosed(target, closing)}]
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            return None
+        return _conversation(tokenizer, messages, cfg, where)
+    prompt, target = _split(record, template, cfg, where)
+    target = _unclosed(target, closing)
+    if not target.strip():
+        return None
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _wants_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     ids = bos + prompt_ids + target_ids + eos
-    return ids, len(bos) + len(prompt_ids)
+    return ids, [(len(bos) + len(prompt_ids), len(ids))]
+
+
+def _unclosed(text: str, closing: tuple[str, ...]) -> str:
+    """`text` without a trailing literal closing token (the template adds that token itself)."""
+    for end in closing:
+        if text.rstrip().endswith(end):
+            return text.rstrip()[: -len(end)]
+    return text
+
+
+def _messages(record: dict[str, Any], field: str, where: str, closing: tuple[str, ...]) -> list[dict[str, str]]:
+    """A record's conversation: its {"role", "content"} messages up to the last assistant turn
+    (what follows it has nothing to learn), assistant contents without a literal closing token."""
+    value = record.get(field)
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise DataError(f"{where}: field {field!r} must be a list of messages, each {{\"role\": ..., \"content\": "
+                        f"\"text\"}}")
+    messages = [{"role": m["role"], "content": _unclosed(m["content"], closing) if m["role"] == "assistant"
+                 else m["content"]} for m in value]
+    while messages and messages[-1]["role"] != "assistant":
+        messages.pop()
+    return messages
+
+
+def _conversation(tokenizer, messages: list[dict[str, str]], cfg: TemplateConfig,
+                  where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """input_ids of a conversation through the chat template, and the [start, end) token spans of
+    its assistant turns (the targets: each turn as the template renders it, its end of turn
+    included). Each assistant turn's context is the conversation before it with the generation
+    prompt, tokenized as at generation time."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    full = _as_ids(_chat(tokenizer, messages, where, tokenize=True))
+    before = [_as_ids(_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=True)) for i in turns]
+    upto = [_as_ids(_chat(tokenizer, messages[: i + 1], where, tokenize=True)) for i in turns]
+    if all(full[: len(b)] == b and full[: len(u)] == u for b, u in zip(before, upto)):
+        return full, [(len(b), len(u)) for b, u in zip(before, upto)]
+    # The tokens of a context are not a prefix of the conversation's: a turn that starts with a
+    # newline merges with the template's own ("\n" + "\n" -> "\n\n"), or the template renders an
+    # earlier turn differently once more follow. Splice at the text level: the rendered text cut
+    # where each assistant turn starts and ends, each piece tokenized alone, so no turn's first
+    # token swallows its context's last (generation starts after the context's own tokens) and
+    # every turn keeps the template's end of turn.
+    text = _chat(tokenizer, messages, where, tokenize=False)
+    cuts = []
+    for i in turns:
+        start = _chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False)
+        end = _chat(tokenizer, messages[: i + 1], where, tokenize=False)
+        cuts.append((len(start), len(end)) if text.startswith(start) and text.startswith(end) else None)
+    if all(cuts) and all(a <= b for (_, a), (b, _) in zip(cuts, cuts[1:])):
+        ids: list[int] = []
+        spans = []
+        last = 0
+        for start, end in cuts:
+            ids += tokenizer(text[last:start], add_special_tokens=False)["input_ids"] if start > last else []
+            turn = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+            spans.append((len(ids), len(ids) + len(turn)))
+            ids += turn
+            last = end
+        return ids, spans
+    if len(turns) == 1:  # one answer after a context the template rewrites: the answer closed by EOS
+        eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+        target = tokenizer(messages[turns[0]]["content"], add_special_tokens=False)["input_ids"] + eos
+        return before[0] + target, [(len(before[0]), len(before[0]) + len(target))]
+    raise DataError(f"{where}: the chat template renders this conversation's earlier turns differently once "
+                    f"more follow, so its assistant turns cannot be told apart; keep one answer per record")
 
 
 def _chat(tokenizer, messages: list[dict[str, str]], where: str, **kwargs):
@@ -491,7 +549,7 @@ def build_examples(
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)
             continue
-        ids, first_target = encoded
+        ids, spans = encoded
         if len(ids) > cfg.max_length:
             if cfg.overflow == "error":
                 raise DataError(
@@ -503,7 +561,8 @@ def build_examples(
                 continue
             ids = ids[: cfg.max_length]
             stats.truncated += 1
-        positions = list(range(max(first_target - 1, 0), len(ids) - 1))
+        # Position t - 1 predicts token t: every target token after the first token of the sequence.
+        positions = [t - 1 for start, end in spans for t in range(max(start, 1), min(end, len(ids)))]
         if not positions:
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)

@@ -180,6 +180,7 @@ class EvalConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     text_field: str = "text"
+    messages_field: str = "messages"
     max_length: int = 1024
     limit: int | None = None
     split: str = "train"  # of a datasets name or a save_to_disk DatasetDict
@@ -213,6 +214,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.model).to(device)
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
                               response_field=cfg.response_field, text_field=cfg.text_field,
+                              messages_field=cfg.messages_field,
                               max_length=cfg.max_length, overflow="truncate")
     result: dict[str, Any] = {"model": cfg.model, "model_dir": str(path) if path.exists() else cfg.model,
                               "data": cfg.data}

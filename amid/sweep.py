@@ -101,7 +101,7 @@ def run_one(run_dir: Path) -> dict[str, Any]:
         data = open_cache(spec["train"]["cache"], verify=False).manifest.get("data", {})
         fields = data.get("fields", {})
         as_cached = {"template": "chat" if data.get("template") == "chat" else "auto",
-                     **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text")},
+                     **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text", "messages")},
                      **({"max_length": data["max_length"]} if isinstance(data.get("max_length"), int) else {})}
         ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0, **as_cached,
                                  rouge_limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,

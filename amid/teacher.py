@@ -57,6 +57,7 @@ class CacheConfig:
     prompt_field: str = "prompt"
     response_field: str = "response"
     text_field: str = "text"
+    messages_field: str = "messages"
     split: str = "train"
     limit: int | None = None
     overflow: str = "error"
@@ -79,6 +80,7 @@ class CacheConfig:
     def template_config(self) -> TemplateConfig:
         return TemplateConfig(
             template=self.template, prompt_field=self.prompt_field, response_field=self.response_field,
+            messages_field=self.messages_field,
             text_field=self.text_field, max_length=self.max_length, overflow=self.overflow,
         )
 
@@ -233,7 +235,10 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         )
     data_ident = {
         "source": cfg.data, "split": cfg.split, "limit": cfg.limit, "template": template,
-        "fields": {"prompt": cfg.prompt_field, "response": cfg.response_field, "text": cfg.text_field},
+        "fields": {"prompt": cfg.prompt_field, "response": cfg.response_field, "text": cfg.text_field,
+                   # only where used: caches of other data keep the identity they always had
+                   **({"messages": cfg.messages_field} if template == "chat" and cfg.messages_field in records[0]
+                      else {})},
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
         "examples_per_shard": cfg.examples_per_shard, "positions_per_shard": cfg.positions_per_shard,
         # The content, not just the file name: resuming over edited data must be refused.

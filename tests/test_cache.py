@@ -925,3 +925,23 @@ def test_a_cache_started_by_another_amid_version_says_so():
     assert message.endswith("or finish this one with amid 0.2.0")  # incomplete: no manifest there
     same_version = {**newer, "amid_version": "0.2.0"}
     assert "different data (the examples' content)" in mismatch_message(Path("c"), header, same_version)
+
+
+def test_chat_messages_data_is_cached_turn_by_turn(tmp_path):
+    from helpers import CHATML_TEMPLATE, save_teacher
+    from transformers import AutoTokenizer
+
+    teacher = save_teacher(tmp_path / "chat_teacher", "qwen2", chat_template=CHATML_TEMPLATE)
+    conversation = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."},
+                    {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Red."}]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation}] * 3)
+    manifest = run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c"))
+    assert manifest["data"]["template"] == "chat" and manifest["data"]["fields"]["messages"] == "messages"
+    ex = next(iter(open_cache(tmp_path / "c")))
+    tok = AutoTokenizer.from_pretrained(teacher)
+    ids = ex["input_ids"].tolist()
+    assert tok.decode([ids[t + 1] for t in ex["positions"].tolist()]) == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    # Data without messages keeps the identity it always had (no messages field recorded).
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q?", "response": "A."}] * 3)
+    manifest = run_cache(teacher=str(teacher), data=str(plain), out=str(tmp_path / "c2"), template="chat")
+    assert "messages" not in manifest["data"]["fields"]

@@ -487,3 +487,48 @@ def test_a_saved_dataset_dict_split_is_chosen_or_named(tmp_path):
     with pytest.raises(DataError, match=r"no split 'dev' \(splits: train, test\); pass --split, or point --data at "
                                         r".*dd/train"):
         load_records(str(tmp_path / "dd"), split="dev")
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"},
+                {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Thanks!"}]
+
+
+def test_chat_messages_every_assistant_turn_is_a_target(tok_chat, tmp_path):
+    f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": CONVERSATION[:2]}])
+    (ex,), stats, template = build_examples(load_records(str(f)), tok_chat, TemplateConfig(), str(f))
+    assert template == "chat"  # auto: a messages field
+    assert stats.skipped_empty == 1 and stats.first_empty == f"{f}:2"  # no assistant turn: nothing to learn
+    # The whole conversation up to its last answer (the trailing user turn has nothing to learn).
+    rendered = tok_chat.apply_chat_template(CONVERSATION[:5], tokenize=True)
+    assert ex.input_ids == list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    assert tok_chat.decode(targets(ex)) == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    # Two spans: the second answer's context (the user's "Another?") is not a target.
+    gaps = [b for a, b in zip(ex.positions, ex.positions[1:]) if b != a + 1]
+    assert len(gaps) == 1 and "Another?" in tok_chat.decode(ex.input_ids[ex.positions[0]: gaps[0]])
+
+
+def test_chat_messages_are_checked_and_end_once(tok_chat, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "text": "hi"}]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'messages' must be a list of messages"):
+        build_examples(load_records(str(bad)), tok_chat, TemplateConfig(), str(bad))
+    closed = [dict(m, content=m["content"] + "<|im_end|>") if m["role"] == "assistant" else m for m in CONVERSATION]
+    (a,), _, _ = build_examples([{"messages": CONVERSATION}], tok_chat, TemplateConfig(template="chat"), "m")
+    (b,), _, _ = build_examples([{"messages": closed}], tok_chat, TemplateConfig(template="chat"), "m")
+    assert b.input_ids == a.input_ids and b.positions == a.positions
+
+
+def test_chat_messages_in_the_real_qwen2_template_with_a_turn_opening_on_a_newline():
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(shared_path("tokenizers", "qwen2"))
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "\nSure."}]
+    (ex,), _, _ = build_examples([{"messages": msgs}], qwen, TemplateConfig(), "m")
+    assert qwen.decode(targets(ex)) == "Hello.<|im_end|>\n\nSure.<|im_end|>\n"
+    text = qwen.decode(ex.input_ids)
+    assert text == qwen.apply_chat_template(msgs, tokenize=False)  # the same text, spliced at the turns
+    context = qwen.apply_chat_template(msgs[:3], add_generation_prompt=True, tokenize=True)
+    context = list(context["input_ids"] if hasattr(context, "keys") else context)
+    second = [b for a, b in zip(ex.positions, ex.positions[1:]) if b != a + 1][0]  # the second turn's first row
+    assert ex.input_ids[: second + 1] == context  # the second answer follows its context's own tokens
