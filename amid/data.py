@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES",
-           "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes"]
+           "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes", "record_messages"]
 
 TEMPLATES = ("auto", "text", "plain", "dolly", "chat")
 
@@ -421,7 +421,7 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
         if cfg.messages_field in record:
-            messages = _messages(record, cfg.messages_field, where, closing)
+            messages = record_messages(record, cfg.messages_field, where, closing)
         else:
             prompt, target = _split(record, template, cfg, where)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _unclosed(target, closing)}]
@@ -448,7 +448,8 @@ def _unclosed(text: str, closing: tuple[str, ...]) -> str:
     return text
 
 
-def _messages(record: dict[str, Any], field: str, where: str, closing: tuple[str, ...]) -> list[dict[str, str]]:
+def record_messages(record: dict[str, Any], field: str, where: str,
+                    closing: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """A record's conversation: its {"role", "content"} messages up to the last assistant turn
     (what follows it has nothing to learn), assistant contents without a literal closing token."""
     value = record.get(field)

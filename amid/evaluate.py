@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import torch
 
 from amid.data import (
-    DataError, TemplateConfig, build_examples, chat_end_of_turn, dolly_prompt, field_text, load_records, where,
+    DataError, TemplateConfig, build_examples, chat_end_of_turn, dolly_prompt, field_text, load_records,
+    record_messages, where,
 )
 from amid.heads import Head, context_length
 from amid.loader import pad_right, target_rows
@@ -93,24 +94,28 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
 def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", response_field: str = "response",
                    limit: int | None = None, seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
                    temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu",
-                   save_to: str | Path | None = None, chat: bool = False, split: str = "train") -> dict[str, Any]:
+                   save_to: str | Path | None = None, chat: bool = False, split: str = "train",
+                   messages_field: str = "messages") -> dict[str, Any]:
     """Sample a response per prompt for each seed; ROUGE-L F1 against the reference, averaged
     over examples then over seeds (the papers' protocol). Generations are saved as JSONL.
     With `chat`, each prompt is a user turn through the tokenizer's chat template (as training
-    with `--template chat` saw it)."""
+    with `--template chat` saw it). Conversations (a `messages_field`) are scored on their last
+    assistant turn, generated after the turns before it (through the chat template)."""
     records = load_records(source, split=split, limit=limit)
-    if response_field not in records[0] and "output" in records[0]:
-        response_field = "output"
-    fields = set(records[0])
-    if response_field not in fields or (prompt_field not in fields and "instruction" not in fields):
-        raise DataError(f"{source}: ROUGE-L needs '{prompt_field}' (or Dolly's 'instruction') and "
-                        f"'{response_field}' fields, the data has {sorted(fields)}")
-    # Records without a reference response are not scored (their ROUGE-L would be 0 by definition).
-    keep = [i for i, r in enumerate(records) if field_text(r, response_field, where(records, i, source)).strip()]
-    prompts = [field_text(records[i], prompt_field, where(records, i, source)) or dolly_prompt(records[i]) for i in keep]
-    refs = [field_text(records[i], response_field, where(records, i, source)) for i in keep]
+    if messages_field in records[0]:
+        conversations = [record_messages(r, messages_field, where(records, i, source)) for i, r in enumerate(records)]
+        keep = [i for i, c in enumerate(conversations) if len(c) > 1 and c[-1]["content"].strip()]
+        prompts = [conversations[i][:-1] for i in keep]
+        refs = [conversations[i][-1]["content"] for i in keep]
+        chat = True
+        wanted = "an assistant turn after some context"
+        records_without = len(records) - len(keep)
+    else:
+        prompts, refs, response_field = _prompts_and_references(records, source, prompt_field, response_field)
+        wanted = f"a '{response_field}'"
+        records_without = len(records) - len(refs)
     if not refs:
-        raise DataError(f"{source}: no record has a '{response_field}' to score ROUGE-L against")
+        raise DataError(f"{source}: no record has {wanted} to score ROUGE-L against")
     model.eval()
     context = context_length(model)
     per_seed = []
@@ -147,7 +152,22 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
     mean = sum(per_seed) / len(per_seed)
     return {"rougeL": 100 * mean, "rougeL_per_seed": [100 * s for s in per_seed], "rouge_examples": len(prompts),
-            "rouge_skipped_no_reference": len(records) - len(keep), "rouge_prompts_cut": len(cut_prompts)}
+            "rouge_skipped_no_reference": records_without, "rouge_prompts_cut": len(cut_prompts)}
+
+
+def _prompts_and_references(records, source: str, prompt_field: str, response_field: str):
+    """(prompts, references, the response field used) of prompt/response (or Dolly) records;
+    records without a reference response are left out (their ROUGE-L would be 0 by definition)."""
+    if response_field not in records[0] and "output" in records[0]:
+        response_field = "output"
+    fields = set(records[0])
+    if response_field not in fields or (prompt_field not in fields and "instruction" not in fields):
+        raise DataError(f"{source}: ROUGE-L needs '{prompt_field}' (or Dolly's 'instruction') and "
+                        f"'{response_field}' fields, or a messages field; the data has {sorted(fields)}")
+    keep = [i for i, r in enumerate(records) if field_text(r, response_field, where(records, i, source)).strip()]
+    prompts = [field_text(records[i], prompt_field, where(records, i, source)) or dolly_prompt(records[i]) for i in keep]
+    refs = [field_text(records[i], response_field, where(records, i, source)) for i in keep]
+    return prompts, refs, response_field
 
 
 def _stop_ids(model, tokenizer, chat: bool) -> list[int] | None:
@@ -163,13 +183,15 @@ def _stop_ids(model, tokenizer, chat: bool) -> list[int] | None:
     return sorted(set(ids)) or None
 
 
-def _encode_prompt(tokenizer, prompt: str, chat: bool):
+def _encode_prompt(tokenizer, prompt: str | list[dict[str, str]], chat: bool):
+    """A prompt's input ids: text as it is, or through the chat template (a user turn, or the
+    conversation so far) with the generation prompt."""
     if not chat:
         return tokenizer(prompt, return_tensors="pt")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
 
 @dataclass(frozen=True)
@@ -223,7 +245,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         save = Path(cfg.out) / "generations.jsonl" if cfg.out else None
         result.update(generate_rouge(model, tokenizer, cfg.data, cfg.prompt_field, cfg.response_field,
                                      limit=cfg.rouge_limit or cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
-                                     device=device, save_to=save, chat=cfg.template == "chat", split=cfg.split))
+                                     device=device, save_to=save, chat=cfg.template == "chat", split=cfg.split,
+                                     messages_field=cfg.messages_field))
     if cfg.out:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         if not cfg.rouge:  # an earlier evaluation's generations would pass for this one's

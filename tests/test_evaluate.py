@@ -133,3 +133,24 @@ def test_perplexity_reads_the_split_it_is_given(tmp_path):
                           "test": datasets.Dataset.from_list(rows[:1])}).save_to_disk(str(tmp_path / "dd"))
     assert perplexity(model, tok, str(tmp_path / "dd"), TemplateConfig())["examples"] == 3
     assert perplexity(model, tok, str(tmp_path / "dd"), TemplateConfig(), split="test")["examples"] == 1
+
+
+def test_rouge_of_conversations_scores_the_last_assistant_turn(tmp_path):
+    import json
+
+    from helpers import CHATML_TEMPLATE, make_model, train_tokenizer, write_jsonl
+
+    from amid.evaluate import _encode_prompt, generate_rouge
+
+    tok = train_tokenizer(300, chat_template=CHATML_TEMPLATE)
+    model = make_model("llama", 300, tok)
+    talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": talk}, {"messages": talk[:1]}])
+    out = generate_rouge(model, tok, str(src), seeds=(1,), max_new_tokens=3, save_to=tmp_path / "g.jsonl")
+    assert out["rouge_examples"] == 1 and out["rouge_skipped_no_reference"] == 1
+    (row,) = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert row["prompt"] == talk[:3] and row["reference"] == "Blue."
+    want = tok.apply_chat_template(talk[:3], add_generation_prompt=True, tokenize=True)
+    want = list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert _encode_prompt(tok, talk[:3], chat=True)["input_ids"][0].tolist() == want
