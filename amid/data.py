@@ -488,7 +488,8 @@ def _conversation(tokenizer, messages: list[dict[str, str]], cfg: TemplateConfig
         start = _chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False)
         end = _chat(tokenizer, messages[: i + 1], where, tokenize=False)
         cuts.append((len(start), len(end)) if text.startswith(start) and text.startswith(end) else None)
-    if all(cuts) and all(a <= b for (_, a), (b, _) in zip(cuts, cuts[1:])):
+    if all(cuts) and all(start < end for start, end in cuts) and all(
+            end <= start for (_, end), (start, _) in zip(cuts, cuts[1:])):
         ids: list[int] = []
         spans = []
         last = 0
