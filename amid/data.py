@@ -58,7 +58,8 @@ _BUILDERS = {
 EXAMPLE_CHANGES = {
     "0.3.0": "records without a response are skipped; a response that ends in the EOS text gets one EOS",
     "0.4.0": "a chat response whose first token merges with the prompt's keeps the template's end of turn; a "
-             "text record or chat response that ends in its closing token's text is closed once",
+             "text record or chat response that ends in its closing token's text is closed once; records with a "
+             "messages field are conversations (--template auto picks chat for them)",
 }
 
 
@@ -425,7 +426,7 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
         else:
             prompt, target = _split(record, template, cfg, where)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _unclosed(target, closing)}]
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        if not _answers(messages):
             return None
         return _conversation(tokenizer, messages, cfg, where)
     prompt, target = _split(record, template, cfg, where)
@@ -449,31 +450,44 @@ def _unclosed(text: str, closing: tuple[str, ...]) -> str:
 
 
 def record_messages(record: dict[str, Any], field: str, where: str,
-                    closing: tuple[str, ...] = ()) -> list[dict[str, str]]:
-    """A record's conversation: its {"role", "content"} messages up to the last assistant turn
-    (what follows it has nothing to learn), assistant contents without a literal closing token."""
+                    closing: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """A record's conversation up to its last assistant turn (what follows has nothing to learn):
+    each message as given (tool_calls, name, ... are kept for the template), assistant contents
+    without a literal closing token; a tool-calling turn's null content (OpenAI's format) is ""."""
     value = record.get(field)
+    if isinstance(value, list):
+        value = [dict(m, content="") if isinstance(m, dict) and m.get("content") is None and m.get("tool_calls")
+                 else m for m in value]
     if not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
         raise DataError(f"{where}: field {field!r} must be a list of messages, each {{\"role\": ..., \"content\": "
                         f"\"text\"}}")
-    messages = [{"role": m["role"], "content": _unclosed(m["content"], closing) if m["role"] == "assistant"
-                 else m["content"]} for m in value]
+    messages = [dict(m, content=_unclosed(m["content"], closing)) if m["role"] == "assistant" else dict(m)
+                for m in value]
     while messages and messages[-1]["role"] != "assistant":
         messages.pop()
     return messages
 
 
-def _conversation(tokenizer, messages: list[dict[str, str]], cfg: TemplateConfig,
+def _answers(messages: list[dict[str, Any]]) -> list[int]:
+    """Indices of the assistant turns that are targets: those after some context, with text or
+    tool calls (an empty turn, or an opening one that nothing prompted, is context)."""
+    return [i for i, m in enumerate(messages)
+            if m["role"] == "assistant" and i > 0 and (m["content"].strip() or m.get("tool_calls"))]
+
+
+def _conversation(tokenizer, messages: list[dict[str, Any]], cfg: TemplateConfig,
                   where: str) -> tuple[list[int], list[tuple[int, int]]]:
     """input_ids of a conversation through the chat template, and the [start, end) token spans of
-    its assistant turns (the targets: each turn as the template renders it, its end of turn
-    included). Each assistant turn's context is the conversation before it with the generation
-    prompt, tokenized as at generation time."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    full = _as_ids(_chat(tokenizer, messages, where, tokenize=True))
-    before = [_as_ids(_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=True)) for i in turns]
-    upto = [_as_ids(_chat(tokenizer, messages[: i + 1], where, tokenize=True)) for i in turns]
+    its target assistant turns (`_answers`: each turn as the template renders it, its end of turn
+    included). The template renders the whole conversation, and each turn's context (with the
+    generation prompt) and the conversation up to the turn; the texts are tokenized together."""
+    turns = _answers(messages)
+    text = _chat(tokenizer, messages, where, tokenize=False)
+    starts = [_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False) for i in turns]
+    ends = [_chat(tokenizer, messages[: i + 1], where, tokenize=False) for i in turns]
+    full, *rest = tokenizer([text, *starts, *ends], add_special_tokens=False)["input_ids"]
+    before, upto = rest[: len(turns)], rest[len(turns):]
     if all(full[: len(b)] == b and full[: len(u)] == u for b, u in zip(before, upto)):
         return full, [(len(b), len(u)) for b, u in zip(before, upto)]
     # The tokens of a context are not a prefix of the conversation's: a turn that starts with a
@@ -481,31 +495,32 @@ def _conversation(tokenizer, messages: list[dict[str, str]], cfg: TemplateConfig
     # earlier turn differently once more follow. Splice at the text level: the rendered text cut
     # where each assistant turn starts and ends, each piece tokenized alone, so no turn's first
     # token swallows its context's last (generation starts after the context's own tokens) and
-    # every turn keeps the template's end of turn.
-    text = _chat(tokenizer, messages, where, tokenize=False)
-    cuts = []
-    for i in turns:
-        start = _chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False)
-        end = _chat(tokenizer, messages[: i + 1], where, tokenize=False)
-        cuts.append((len(start), len(end)) if text.startswith(start) and text.startswith(end) else None)
+    # every turn keeps the template's end of turn. (A context after such a splice differs by that
+    # token from the context tokenized whole, as generation would see it: one sequence cannot
+    # hold both.)
+    cuts = [(len(a), len(b)) if text.startswith(a) and text.startswith(b) else None for a, b in zip(starts, ends)]
     if all(cuts) and all(start < end for start, end in cuts) and all(
             end <= start for (_, end), (start, _) in zip(cuts, cuts[1:])):
-        ids: list[int] = []
-        spans = []
+        pieces = []
         last = 0
         for start, end in cuts:
-            ids += tokenizer(text[last:start], add_special_tokens=False)["input_ids"] if start > last else []
-            turn = tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+            pieces += [text[last:start], text[start:end]]
+            last = end
+        tokens = tokenizer(pieces, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        spans = []
+        for context, turn in zip(tokens[0::2], tokens[1::2]):
+            ids += context
             spans.append((len(ids), len(ids) + len(turn)))
             ids += turn
-            last = end
         return ids, spans
     if len(turns) == 1:  # one answer after a context the template rewrites: the answer closed by EOS
         eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
         target = tokenizer(messages[turns[0]]["content"], add_special_tokens=False)["input_ids"] + eos
         return before[0] + target, [(len(before[0]), len(before[0]) + len(target))]
     raise DataError(f"{where}: the chat template renders this conversation's earlier turns differently once "
-                    f"more follow, so its assistant turns cannot be told apart; keep one answer per record")
+                    f"more follow (Qwen3's drops their <think> blocks), so its assistant turns cannot be cut out; "
+                    f"keep one answer per record (a record per turn, with the turns before it)")
 
 
 def _chat(tokenizer, messages: list[dict[str, str]], where: str, **kwargs):
@@ -514,8 +529,8 @@ def _chat(tokenizer, messages: list[dict[str, str]], where: str, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as exc:  # jinja2's TemplateError, or whatever the template raises
-        raise DataError(f"{where}: the tokenizer's chat template refused a user turn + assistant turn "
-                        f"({_first_line(exc)}); use another --template, or a tokenizer whose template takes them") from None
+        raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({_first_line(exc)}); "
+                        f"use another --template, or a tokenizer whose template takes it") from None
 
 
 def _as_ids(out) -> list[int]:

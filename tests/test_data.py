@@ -532,3 +532,24 @@ def test_chat_messages_in_the_real_qwen2_template_with_a_turn_opening_on_a_newli
     context = list(context["input_ids"] if hasattr(context, "keys") else context)
     second = [b for a, b in zip(ex.positions, ex.positions[1:]) if b != a + 1][0]  # the second turn's first row
     assert ex.input_ids[: second + 1] == context  # the second answer follows its context's own tokens
+
+
+def test_chat_messages_opening_turns_empty_turns_and_tool_calls(tok_chat):
+    # A tool-call template: the assistant turn's tool_calls are rendered, so they must reach it.
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                "{% if m.get('tool_calls') %}call:{{ m['tool_calls'][0]['name'] }}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    t = train_tokenizer(300, chat_template=template)
+    talk = [{"role": "assistant", "content": "Welcome!"},  # nothing prompted it: context
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"name": "weather"}]},  # OpenAI's null content
+            {"role": "tool", "content": "20C"},
+            {"role": "assistant", "content": " "},  # empty: context
+            {"role": "user", "content": "So?"},
+            {"role": "assistant", "content": "Warm."}]
+    (ex,), _, _ = build_examples([{"messages": talk}], t, TemplateConfig(), "m")
+    assert t.decode(targets(ex)) == "call:weather<|im_end|>\nWarm.<|im_end|>\n"
+    assert "Welcome!" in t.decode(ex.input_ids) and "Welcome!" not in t.decode(targets(ex))
+    # Only an opening turn: nothing to learn, skipped and counted.
+    _, stats, _ = build_examples([{"messages": talk[:1]}, {"messages": talk[:3]}], t, TemplateConfig(), "m")
+    assert stats.skipped_empty == 1 and stats.examples == 1
