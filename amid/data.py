@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES",
-           "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes", "record_messages"]
+           "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes", "record_messages",
+           "closing_texts"]
 
 TEMPLATES = ("auto", "text", "plain", "dolly", "chat")
 
@@ -399,7 +400,7 @@ def chat_end_of_turn(tokenizer) -> int | None:
     return next((t for t in after if t in special), None)
 
 
-def _closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, ...]:
+def closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, ...]:
     """Texts of the tokens that close an example (EOS; with a chat template its end of turn too):
     a record that ends in one of them literally (MiniLLM's processed Dolly ends every response in
     "<|endoftext|>") would otherwise be closed twice."""
@@ -557,7 +558,7 @@ def build_examples(
     if not isinstance(records, list):
         records = list(records)
     template, cfg = resolve_template(records, cfg, source)
-    closing = _closing_texts(tokenizer, template, cfg)
+    closing = closing_texts(tokenizer, template, cfg)
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
     for index, record in enumerate(records):

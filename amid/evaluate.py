@@ -16,8 +16,8 @@ from typing import Any, Sequence
 import torch
 
 from amid.data import (
-    DataError, TemplateConfig, build_examples, chat_end_of_turn, dolly_prompt, field_text, load_records,
-    record_messages, where,
+    DataError, TemplateConfig, build_examples, chat_end_of_turn, closing_texts, dolly_prompt, field_text,
+    load_records, record_messages, where,
 )
 from amid.heads import Head, context_length
 from amid.loader import pad_right, target_rows
@@ -103,7 +103,9 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
     assistant turn, generated after the turns before it (through the chat template)."""
     records = load_records(source, split=split, limit=limit)
     if messages_field in records[0]:
-        conversations = [record_messages(r, messages_field, where(records, i, source)) for i, r in enumerate(records)]
+        closing = closing_texts(tokenizer, "chat", TemplateConfig())  # a reference ending in a literal <|im_end|>
+        conversations = [record_messages(r, messages_field, where(records, i, source), closing)
+                         for i, r in enumerate(records)]
         keep = [i for i, c in enumerate(conversations) if len(c) > 1 and c[-1]["content"].strip()]
         prompts = [conversations[i][:-1] for i in keep]
         refs = [conversations[i][-1]["content"] for i in keep]

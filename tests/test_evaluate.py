@@ -145,12 +145,12 @@ def test_rouge_of_conversations_scores_the_last_assistant_turn(tmp_path):
     tok = train_tokenizer(300, chat_template=CHATML_TEMPLATE)
     model = make_model("llama", 300, tok)
     talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]
+            {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue.<|im_end|>"}]
     src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": talk}, {"messages": talk[:1]}])
     out = generate_rouge(model, tok, str(src), seeds=(1,), max_new_tokens=3, save_to=tmp_path / "g.jsonl")
     assert out["rouge_examples"] == 1 and out["rouge_skipped_no_reference"] == 1
     (row,) = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
-    assert row["prompt"] == talk[:3] and row["reference"] == "Blue."
+    assert row["prompt"] == talk[:3] and row["reference"] == "Blue."  # the literal end of turn is not text
     want = tok.apply_chat_template(talk[:3], add_generation_prompt=True, tokenize=True)
     want = list(want["input_ids"] if hasattr(want, "keys") else want)
     assert _encode_prompt(tok, talk[:3], chat=True)["input_ids"][0].tolist() == want
