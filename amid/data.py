@@ -634,8 +634,7 @@ def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text"):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     texts = [str(r.get(text_field) or "") for r in records]
     if eos and tokenizer.eos_token:  # a text that ends in the EOS text is closed once, as build_examples does
-        texts = [t.rstrip()[: -len(tokenizer.eos_token)] if t.rstrip().endswith(tokenizer.eos_token) else t
-                 for t in texts]
+        texts = [_unclosed(t, (tokenizer.eos_token,)) for t in texts]
     parts = []  # int32 arrays of 1,000 documents each: no Python list of every token
     for start in range(0, len(texts), 1000):
         seqs = tokenizer(texts[start: start + 1000], add_special_tokens=False)["input_ids"]

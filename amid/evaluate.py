@@ -19,12 +19,10 @@ from amid.data import (
     DataError, TemplateConfig, build_examples, chat_end_of_turn, closing_texts, dolly_prompt, field_text,
     load_records, record_messages, where,
 )
-from amid.heads import Head, context_length
-from amid.loader import pad_right, target_rows
+from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, context_length
+from amid.loader import pad_examples
 
 __all__ = ["rouge_l", "rouge_tokens", "perplexity", "generate_rouge", "EvalConfig", "evaluate"]
-
-CHUNK_ELEMENTS = 1 << 25  # logits a perplexity chunk holds at once (128 MiB in float32)
 
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
@@ -68,22 +66,20 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
     examples, stats, _ = build_examples(records, tokenizer, template, source)
     total_nll, total_tokens = 0.0, 0
     model.eval()
-    # Logits of the target rows only, CHUNK_ELEMENTS at a time where the head is plain: a batch of
-    # 8 x 1024 tokens at V = 151936 would otherwise be 5 GB of float32 logits.
+    # Logits of the target rows only, LOGIT_CHUNK_ELEMENTS at a time where the head is plain: a
+    # batch of 8 x 1024 tokens at V = 151936 would otherwise be 5 GB of float32 logits.
     head = Head(model)
     width = head.head.weight.shape[0] if head.head is not None else model.config.vocab_size
-    step = max(1, CHUNK_ELEMENTS // width)
+    step = max(1, LOGIT_CHUNK_ELEMENTS // width)
     order = sorted(examples, key=lambda e: len(e.input_ids))  # less padding; the sums do not care
     for i in range(0, len(order), batch_size):
         batch = order[i: i + batch_size]
-        ids, mask = pad_right([e.input_ids for e in batch], 0)
-        rows = target_rows([torch.as_tensor(e.positions, dtype=torch.long) for e in batch], ids.shape[1])
-        targets = ids.reshape(-1)[rows + 1].to(device)
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "rows": rows.to(device)}
+        inputs = pad_examples(batch, 0, device)
+        targets = inputs["input_ids"].reshape(-1)[inputs["rows"] + 1]
         for j, z in enumerate(head.logit_chunks(inputs, step)):
             total_nll += torch.nn.functional.cross_entropy(
                 z.float(), targets[j * step: (j + 1) * step], reduction="sum").item()
-        total_tokens += len(rows)
+        total_tokens += len(targets)
     ce = total_nll / max(total_tokens, 1)
     return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": total_tokens, "examples": len(examples),
             "truncated": stats.truncated, "skipped_no_target": stats.skipped_empty,

@@ -12,7 +12,11 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["Head", "TargetLogits", "context_length"]
+__all__ = ["Head", "TargetLogits", "context_length", "LOGIT_CHUNK_ELEMENTS"]
+
+# Logits (rows × vocabulary) held at once where a model's head can be applied alone: 128 MiB of
+# float32. The trainer's evaluation and `amid eval`'s perplexity take their chunks this size.
+LOGIT_CHUNK_ELEMENTS = 1 << 25
 
 
 def context_length(model) -> int | None:

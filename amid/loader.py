@@ -41,7 +41,8 @@ import torch
 from amid.cache import Cache, CacheError
 from amid.data import cut_batches
 
-__all__ = ["ShardMeta", "Position", "Plan", "Loader", "LMStream", "scan", "split", "pad_right", "target_rows", "collate",
+__all__ = ["ShardMeta", "Position", "Plan", "Loader", "LMStream", "scan", "split", "pad_right", "target_rows",
+           "pad_examples", "collate",
            "POOL_BATCHES"]
 
 POOL_BATCHES = 64  # length sorting happens inside pools of this many batches
@@ -215,6 +216,15 @@ def target_rows(positions: list[torch.Tensor], width: int) -> torch.Tensor:
     """[N] rows b·width + t of the flattened [B, width] logits for every position t of sequence b."""
     counts = torch.tensor([p.shape[0] for p in positions])
     return torch.cat(positions) + torch.repeat_interleave(torch.arange(len(positions)) * width, counts)
+
+
+def pad_examples(examples: list, pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A right-padded batch of tokenized examples (`amid.data.Example`: input_ids, positions) on
+    `device`: input_ids, attention_mask [B, T] and rows [N] (b·T + t of every target position,
+    example by example)."""
+    input_ids, mask = pad_right([e.input_ids for e in examples], pad_id)
+    rows = target_rows([torch.as_tensor(e.positions, dtype=torch.long) for e in examples], input_ids.shape[1])
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "rows": rows.to(device)}
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:

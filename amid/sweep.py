@@ -156,6 +156,7 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     certain: a setting TrainConfig does not know or accept, a missing or damaged cache, a student
     with another tokenizer, or run directories trained with other settings under the same names."""
     from amid.cache import open_cache
+    from amid.teacher import check_model_name
     from amid.train import TrainConfig, TrainError, check_tokenizer
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -178,13 +179,15 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     from transformers import AutoTokenizer
 
     cache = open_cache(cfg.cache)
+    check_model_name(cfg.student, "--student")
     trust = cfg.train_overrides.get("trust_remote_code") is True
+    tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=trust)
     try:
-        check_tokenizer(cfg.student, cache, trust_remote_code=trust)
+        check_tokenizer(cfg.student, cache, tokenizer)
     except TrainError as exc:
         raise ValueError(str(exc)) from None
     if cfg.eval_data and cache.manifest.get("data", {}).get("template") == "chat":
-        if getattr(AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=trust), "chat_template", None) is None:
+        if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"--eval-data: the cache {cfg.cache} was built with --template chat, and the student "
                              f"{cfg.student}'s tokenizer has no chat template to evaluate through; give the student "
                              f"the teacher's chat template (tokenizer_config.json), or drop --eval-data")

@@ -33,7 +33,7 @@ from amid.data import DataError, Example, TemplateConfig, build_examples, iter_b
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.paths import same_path
-from amid.loader import pad_right, target_rows
+from amid.loader import pad_examples
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
            "resolve_dtype"]
@@ -355,21 +355,13 @@ def _examples_digest(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def _batch_rows(batch: list[Example], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """A right-padded batch on `device`: input_ids, attention_mask [B, T] and rows [N] (b·T + t of
-    every target position, example by example)."""
-    input_ids, mask = pad_right([e.input_ids for e in batch], pad)
-    rows = target_rows([torch.as_tensor(e.positions, dtype=torch.long) for e in batch], input_ids.shape[1])
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "rows": rows.to(device)}
-
-
 @torch.no_grad()
 def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int,
              source: str):
     """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
     # Every target row of the batch at once: one top-k per chunk, one device-to-host copy per batch.
     step = max(1, (1 << 26) // logits.route.head.weight.shape[0])  # ≤ 256 MiB of float32 logits a chunk
-    parts = [teacher_topk(z, k, temperature) for z in logits.chunks(_batch_rows(batch, pad, device), step)]
+    parts = [teacher_topk(z, k, temperature) for z in logits.chunks(pad_examples(batch, pad, device), step)]
     ids, lps, tail = (torch.cat(p).cpu().numpy() for p in zip(*parts))  # int64, float32, float32
     bad = np.flatnonzero(np.isnan(lps).any(axis=1) | np.isnan(tail))
     if len(bad):  # a broken teacher must not leave a cache of NaN behind, nor a silent tail of 0

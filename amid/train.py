@@ -51,7 +51,7 @@ from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
 from amid.data import DataError, cut_batches, lm_blocks
 from amid.distributed import Ranks, start_ranks, world_from_env
-from amid.heads import Head, TargetLogits, context_length
+from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.paths import same_path, same_setting
@@ -65,10 +65,10 @@ STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final")  # what makes a directory a run's
 FUSED_MIN_VOCAB = 16384
-# Evaluation takes the logits of this many (row × vocabulary) elements at a time (128 MiB of
-# float32) where the model's head can be applied alone (`Head.plain`): a held-out batch then
-# costs no more memory than a fused training step. Other models return all their logits.
-EVAL_CHUNK_ELEMENTS = 1 << 25
+# Evaluation takes the logits LOGIT_CHUNK_ELEMENTS at a time where the model's head can be applied
+# alone (`Head.plain`): a held-out batch then costs no more memory than a fused training step.
+# Other models return all their logits.
+EVAL_CHUNK_ELEMENTS = LOGIT_CHUNK_ELEMENTS
 LOSS_FIELDS = ("alpha", "lam", "lam_end", "divergence", "order", "ab_alpha", "ab_beta", "jsd_beta", "ce_weight",
                "tail", "stop_grad_r")
 KL = LossConfig.preset("kd")  # eval_kl: KL(p̄ ‖ q̄) over the k + 1 bins
