@@ -34,10 +34,16 @@ def friendly_errors(fn):
         from amid.cache import CacheError
         from amid.data import DataError
         from amid.distributed import world_from_env
+        from amid.stop import Interrupted
 
         rank, _, world = world_from_env()
         try:
             return fn(*args, **kwargs)
+        except Interrupted as exc:  # stopped on a signal, its work saved: rank 0 says how to continue
+            raise Stopped(str(exc) if rank == 0 else None, exc.exit_code) from None
+        except KeyboardInterrupt:
+            what = INTERRUPTED.get(click.get_current_context().info_name, "")
+            raise Stopped(f"interrupted{'; ' + what if what else ''}" if rank == 0 else None, 130) from None
         except OSError as exc:  # FileNotFoundError too
             message = _first_line(exc)
             raise click.ClickException(f"rank {rank}: {message}" if world > 1 else message) from None
@@ -53,6 +59,29 @@ def friendly_errors(fn):
             raise click.ClickException(f"rank {rank}: {_first_line(exc)}" if own else _first_line(exc)) from None
 
     return wrapper
+
+
+# What an interruption outside a command's own safe points leaves (amid train saves at the end of
+# a step and says so itself: amid.stop).
+INTERRUPTED = {
+    "cache-teacher": "the finished shards are kept: rerun the same command to continue",
+    "train": "the last checkpoint (if any) is kept: continue with the same command and --resume",
+    "sweep": "finished runs are kept: rerun the same command to continue",
+    "eval": "nothing was written",
+}
+
+
+class Stopped(click.ClickException):
+    """A command stopped on a signal: its line (no "Error:"; None: silent, another rank says it)
+    and the shell's exit status for that signal."""
+
+    def __init__(self, message: str | None, exit_code: int):
+        super().__init__(message or "")
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        if self.message:
+            click.echo(f"Stopped: {self.message}", err=True)
 
 
 def _quiet_transformers(quiet: bool) -> None:

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 from amid.cache import write_json_atomic
 from amid.distributed import world_from_env
 from amid.paths import same_setting
+from amid.stop import Interrupted, StopRequest, signal_name
 
 __all__ = ["SweepConfig", "expand_grid", "run_sweep", "failed_runs"]
 
@@ -29,6 +31,9 @@ __all__ = ["SweepConfig", "expand_grid", "run_sweep", "failed_runs"]
 ALPHA_FREE = {"kd", "rkl", "skl", "srkl", "gkd", "taid", "abkd", "ce"}
 # TrainConfig fields the sweep sets for every run (--train-arg may not).
 GRID_KEYS = frozenset({"cache", "student", "out", "preset", "alpha", "lam", "divergence", "order", "resume"})
+# Exit statuses of a run that stopped on SIGINT/SIGTERM: by itself (amid.stop), or killed by it in
+# its start-up, before Python's handler (SIGTERM's default ends the process).
+STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
 RESULT_FIELDS = ["run", "preset", "alpha", "lam", "divergence", "order", "status", "eval_kl", "eval_ppl",
                  "test_ppl", "rougeL", "train_tokens", "wall_s", "error"]
 
@@ -220,38 +225,68 @@ def failed_runs(cfg: SweepConfig) -> list[str]:
 
 
 def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
+    """Run `pending`, one child process per free device. On SIGINT/SIGTERM no run starts, the
+    running ones get the signal (they stop after their step with a checkpoint; a terminal's Ctrl-C
+    reaches them anyway) and, once they have, `Interrupted` says how to continue."""
     devices = list(cfg.devices) or [None]
     queue = list(pending)
     active: list[tuple[subprocess.Popen, dict[str, Any], str | None, float]] = []
-    done = 0
-    while queue or active:
-        free = [d for d in devices if d not in {a[2] for a in active}]
-        while queue and free:
-            run, device = queue.pop(0), free.pop(0)
-            d = _run_dir(cfg, run["name"])
-            env = dict(os.environ)
-            if device and device.startswith("cuda:"):
-                env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-            with open(d / "log.txt", "w") as log_file:  # the child keeps its own descriptor
-                proc = subprocess.Popen([sys.executable, "-m", "amid.sweep", "--run", str(d)], stdout=log_file,
-                                        stderr=subprocess.STDOUT, env=env)
-            active.append((proc, run, device, time.time()))
-        time.sleep(0.2)
-        for item in list(active):
-            proc, run, device, started = item
-            if proc.poll() is None:
-                continue
-            active.remove(item)
-            done += 1
-            d = _run_dir(cfg, run["name"])
-            if proc.returncode != 0 or not (d / "result.json").exists():
+    done = finished = interrupted = 0
+    stop = StopRequest("amid sweep: stopping; the running runs save a checkpoint (Ctrl-C again to stop them at once)")
+    passed_on = False
+    try:
+        stop.install()
+        while queue or active:
+            if stop.requested and not passed_on:
+                queue.clear()
+                for proc, *_ in active:
+                    proc.send_signal(stop.signum)
+                passed_on = True
+            free = [d for d in devices if d not in {a[2] for a in active}]
+            while queue and free:
+                run, device = queue.pop(0), free.pop(0)
+                d = _run_dir(cfg, run["name"])
+                env = dict(os.environ)
+                if device and device.startswith("cuda:"):
+                    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+                with open(d / "log.txt", "w") as log_file:  # the child keeps its own descriptor
+                    proc = subprocess.Popen([sys.executable, "-m", "amid.sweep", "--run", str(d)], stdout=log_file,
+                                            stderr=subprocess.STDOUT, env=env)
+                active.append((proc, run, device, time.time()))
+            time.sleep(0.2)
+            for item in list(active):
+                proc, run, device, started = item
+                if proc.poll() is None:
+                    continue
+                active.remove(item)
+                done += 1
+                d = _run_dir(cfg, run["name"])
                 tail = (d / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                write_json_atomic(d / "result.json", {"status": "failed", "error": tail[0][:500]})
-                log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:300]}); see {d / 'log.txt'}")
-            else:
-                r = json.loads((d / "result.json").read_text())
-                log(f"  [{done}/{len(pending)}] {run['name']}: eval_kl {_num(r.get('eval_kl'), '.4f')}  "
-                    f"eval_ppl {_num(r.get('eval_ppl'), '.2f')}  ({time.time() - started:.0f} s)")
+                if stop.requested and proc.returncode in STOPPED:
+                    interrupted += 1  # no result: the next sweep resumes it from its checkpoint
+                    log(f"  [{done}/{len(pending)}] {run['name']}: stopped ({tail[0][:300]})")
+                elif proc.returncode != 0 or not (d / "result.json").exists():
+                    write_json_atomic(d / "result.json", {"status": "failed", "error": tail[0][:500]})
+                    log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:300]}); see {d / 'log.txt'}")
+                else:
+                    finished += 1
+                    r = json.loads((d / "result.json").read_text())
+                    log(f"  [{done}/{len(pending)}] {run['name']}: eval_kl {_num(r.get('eval_kl'), '.4f')}  "
+                        f"eval_ppl {_num(r.get('eval_ppl'), '.2f')}  ({time.time() - started:.0f} s)")
+    except KeyboardInterrupt:  # a second Ctrl-C: the runs stop at once, keeping their last checkpoints
+        for proc, *_ in active:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, *_ in active:
+            proc.wait()
+        raise Interrupted(f"{cfg.out}: stopped at once; finished runs are kept and the others resume from their "
+                          f"last checkpoints: rerun the same command to continue") from None
+    finally:
+        stop.restore()
+    if stop.requested:
+        raise Interrupted(f"{cfg.out}: {signal_name(stop.signum)}: {finished} of {len(pending)} runs finished this "
+                          f"time ({interrupted} stopped with their checkpoints): rerun the same command to continue",
+                          stop.signum)
 
 
 def _report(cfg: SweepConfig, runs: list[dict[str, Any]], log) -> str:
@@ -352,4 +387,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="internal: run one sweep run (used by run_sweep)")
     ap.add_argument("--run", required=True)
     args = ap.parse_args()
-    run_one(Path(args.run))
+    try:
+        run_one(Path(args.run))
+    except Interrupted as exc:  # the parent sweep reads this line and the exit status
+        print(f"Stopped: {exc}", flush=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("Stopped: interrupted before or after training (the run's checkpoint, if any, is kept)", flush=True)
+        sys.exit(128 + signal.SIGINT)

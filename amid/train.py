@@ -37,6 +37,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.paths import same_path, same_setting
+from amid.stop import Interrupted, StopRequest, signal_name
 from amid.teacher import architecture, check_model_name, resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
@@ -689,7 +691,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
 
     Raises TrainError for an incompatible student or run directory (before any step),
     TrainingDiverged for a NaN/inf loss or gradient (the last checkpoint is kept), CacheError for
-    a missing or damaged cache. Under torchrun every rank calls this; only rank 0 logs.
+    a missing or damaged cache, `amid.stop.Interrupted` (a KeyboardInterrupt) on SIGINT or SIGTERM,
+    after the step in hand and a checkpoint of it. Under torchrun every rank calls this; only rank 0 logs.
     """
     device = _train_device(cfg)
     ranks = start_ranks(device)
@@ -956,7 +959,10 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     model.train()
     loss_value = float("nan")
     interval_tokens, interval_start, smooth = 0, time.time(), None
+    stop = StopRequest("amid train: stopping after this step, with a checkpoint (Ctrl-C again to stop at once)"
+                       if ranks.main else None)
     try:
+        stop.install()
         while step < total_steps:
             group = [item for _, item in zip(range(per_step), stream)]  # (batch or None: another rank's, position)
             if not group:
@@ -991,7 +997,9 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             tokens += step_tokens
             interval_tokens += step_tokens
             ranks.sum_grads(params)
-            loss_value, lm_value = ranks.sum(torch.stack([loss_sum, lm_sum])).tolist()  # one sync
+            # One sync a step; it also carries a stop request, so that every rank stops after the same step.
+            loss_value, lm_value, stopping = ranks.sum(
+                torch.stack([loss_sum, lm_sum, loss_sum.new_tensor(float(stop.requested))])).tolist()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged_message("loss", loss_value, step + 1, last_saved, ckpt_dir))
             scaler.unscale_(optimizer)
@@ -1004,7 +1012,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             step += 1
 
             smooth = loss_value if smooth is None else 0.9 * smooth + 0.1 * loss_value
-            if step % cfg.log_every == 0 or step == total_steps:
+            if step % cfg.log_every == 0 or step == total_steps or stopping:
                 elapsed = max(time.time() - interval_start, 1e-9)
                 record = {"step": step, "epoch": round(position.epoch + _epoch_fraction(plan, position), 4),
                           "loss": loss_value, "lr": lr, "grad_norm": round(grad_norm, 6),
@@ -1019,12 +1027,25 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             bar.update(1)
             if step % cfg.eval_every == 0 and step < total_steps:
                 last_eval, last_eval_step = run_eval(), step
-            if step % cfg.save_every == 0 and step < total_steps:
+            if (step % cfg.save_every == 0 or stopping) and step < total_steps and last_saved != step:
                 save_checkpoint()
                 last_saved = step
+            if stopping and step < total_steps:
+                ranks.barrier()  # no rank exits (and has torchrun end the others) before the checkpoint is written
+                raise Interrupted(f"{signal_name(stop.signum or signal.SIGTERM)} at step {step} of {total_steps}: "
+                                  f"checkpoint saved in {ckpt_dir}; continue with the same command and --resume",
+                                  stop.signum or signal.SIGTERM)
         if last_eval_step != step:
             last_eval = run_eval()
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint of this step
+        kept = (f"the checkpoint of step {last_saved} in {ckpt_dir} is kept" if last_saved
+                else "no checkpoint was saved yet (--resume starts again from step 0)")
+        raise Interrupted(f"stopped at once at step {step} of {total_steps}: {kept}; continue with the same "
+                          f"command and --resume") from None
     finally:
+        stop.restore()
         bar.close()
         loader.close()
         if metrics_file is not None:

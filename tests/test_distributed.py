@@ -333,3 +333,31 @@ def test_several_ranks_without_torch_distributed_are_refused_in_one_line(monkeyp
         amid_dist.start_ranks(torch.device("cpu"))
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert amid_dist.start_ranks(torch.device("cpu")) == amid_dist.Ranks()
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_with_a_checkpoint(world, tmp_path):
+    # As a terminal delivers Ctrl-C: to torchrun and both ranks (one process group); torchrun
+    # passes it on to the ranks again. Both stop after the same step; rank 0 saves and says so.
+    import signal
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "amid.cli", "train", "--cache", world["cache"], "--student", world["student"], "--out", str(out),
+               "--lr", "1e-3", "--eval-fraction", "0.2", "--log-every", "1", "--device", "cpu", "--dtype", "fp32",
+               "--max-steps", "100000", "--save-every", "100000", "--eval-every", "100000", "--quiet"]
+    proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and any("loss" in m for m in metrics(out)):
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert "Stopped: SIGINT at step " in err, err[-4000:]
+    assert "Traceback" not in err.split("Stopped: SIGINT at step ")[0], err[-4000:]
+    step = int(err.split("Stopped: SIGINT at step ")[1].split()[0])
+    state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == step and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
+    assert max(_losses(out)) == step

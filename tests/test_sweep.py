@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from amid.sweep import SweepConfig, expand_grid, failed_runs, run_sweep
 from test_train import world  # noqa: F401  (the shared tiny teacher/cache/student fixture)
@@ -130,3 +131,46 @@ def test_sweep_cli_takes_train_flags_as_keys_and_refuses_before_writing(world, t
     res = CliRunner().invoke(main, [*base, "--train-arg", "fused=maybe"])  # a bool setting
     assert res.exit_code == 2 and "--train-arg fused takes true or false" in res.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_with_checkpoints_and_a_rerun_finishes_it(world, tmp_path):  # noqa: F811
+    # As a terminal delivers Ctrl-C: to the sweep and its running child at once (one process group).
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    train_args = [f"--train-arg={k}={json.dumps(v)}" for k, v in
+                  {**TRAIN, "max_steps": 200, "log_every": 1, "save_every": 1000}.items()]
+    args = [sys.executable, "-m", "amid.cli", "sweep", "--cache", world["cache"], "--student", world["student"],
+            "--out", str(out), "--preset", "kd,ce", *train_args]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = out / "runs" / "kd" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if first.exists() and '"loss"' in first.read_text():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "kd: stopped (Stopped: SIGINT at step" in err, err
+    assert err.strip().splitlines()[-1].startswith(
+        f"Stopped: {out}: SIGINT: 0 of 2 runs finished this time (1 stopped with their checkpoints)"), err
+    assert not (out / "runs" / "kd" / "result.json").exists()  # not recorded as failed
+    stopped_at = torch.load(out / "runs" / "kd" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"]
+    assert not (out / "runs" / "ce" / "metrics.jsonl").exists()  # never started
+
+    cfg = SweepConfig(cache=world["cache"], student=world["student"], out=str(out), presets=("kd", "ce"),
+                      train_overrides={**TRAIN, "max_steps": 200, "log_every": 1, "save_every": 1000})
+    messages: list[str] = []
+    run_sweep(cfg, log=messages.append)
+    assert any("0 already finished, 2 to run" in m for m in messages)
+    assert all(r["status"] == "ok" for r in _rows(out).values())
+    steps = [json.loads(line)["step"] for line in first.read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, 201)) and stopped_at < 200

@@ -604,6 +604,94 @@ def test_sigkill_then_resume_matches_uninterrupted_run(world, tmp_path):
         assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
 
 
+def _signal_at(monkeypatch, step: int, *signums: int) -> None:
+    """Send these signals to this process while the trainer is inside step `step` (0-based)."""
+    import os
+
+    import amid.train as amid_train
+
+    real = amid_train.learning_rate
+
+    def learning_rate(cfg, at, total):
+        if at == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return real(cfg, at, total)
+
+    monkeypatch.setattr(amid_train, "learning_rate", learning_rate)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches(world, tmp_path, monkeypatch, signum):
+    # Ctrl-C, or a scheduler's SIGTERM: the step in hand finishes, is logged and checkpointed
+    # (between two --save-every checkpoints), and --resume continues as if nothing had happened.
+    import signal
+
+    from amid.stop import Interrupted
+
+    kw = dict(max_steps=8, save_every=3, eval_every=3)
+    train(config(world, tmp_path / "whole", **kw), log=quiet)
+    _signal_at(monkeypatch, 4, getattr(signal, signum))
+    with pytest.raises(Interrupted, match=rf"{signum} at step 5 of 8: checkpoint saved in .*--resume") as stopped:
+        train(config(world, tmp_path / "stopped", **kw), log=quiet)
+    assert stopped.value.exit_code == 128 + getattr(signal, signum)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert torch.load(tmp_path / "stopped" / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 5
+    assert max(_losses(tmp_path / "stopped")) == 5 and not (tmp_path / "stopped" / "final").exists()
+    monkeypatch.undo()
+    train(config(world, tmp_path / "stopped", resume=True, **kw), log=quiet)
+    a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "stopped")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+
+
+def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(world, tmp_path, monkeypatch):
+    import signal
+
+    import amid.stop
+    from amid.stop import Interrupted
+
+    monkeypatch.setattr(amid.stop, "STOP_WINDOW_S", 0.0)
+    _signal_at(monkeypatch, 4, signal.SIGINT, signal.SIGINT)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match=r"stopped at once at step 4 of 8: the checkpoint of step 3 in .* is kept"):
+        train(config(world, out, max_steps=8, save_every=3), log=quiet)
+    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    done = train(config(world, out, max_steps=8, save_every=3, resume=True), log=quiet)
+    assert done["steps"] == 8 and sorted(_losses(out)) == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_saves_and_says_how_to_continue(world, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "amid.cli", "train", "--cache", world["cache"], "--student", world["student"],
+            "--out", str(out), "--max-steps", "100000", "--lr", "1e-3", "--warmup", "0", "--eval-fraction", "0.2",
+            "--log-every", "1", "--save-every", "100000", "--eval-every", "100000", "--device", "cpu"]
+    proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and any("loss" in m for m in metrics(out)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "stopping after this step, with a checkpoint" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("Stopped: SIGINT at step ") and last.endswith("continue with the same command and --resume")
+    step = int(last.split("at step ")[1].split()[0])
+    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == step
+    assert max(_losses(out)) == step
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(world, tmp_path, monkeypatch):
     import amid.train as amid_train
 
