@@ -130,18 +130,20 @@ def _normalise(log_x: Tensor) -> Tensor:
     return log_x - torch.logsumexp(log_x, dim=-1, keepdim=True)
 
 
-def _divergence(log_a: Tensor, log_b: Tensor, cfg: LossConfig, weight: Tensor | None) -> Tensor:
+def _divergence(log_a: Tensor, log_b: Tensor, cfg: LossConfig, weight: Tensor | None, exact: bool) -> Tensor:
     if cfg.divergence == "kl":
         return D.kl(log_a, log_b, weight)
     if cfg.divergence == "ab":
-        return D.alpha_beta(log_a, log_b, cfg.ab_alpha, cfg.ab_beta, weight)
+        return D.alpha_beta(log_a, log_b, cfg.ab_alpha, cfg.ab_beta, weight, exact=exact)
     if cfg.divergence == "tv":
         return D.total_variation(log_a, log_b, weight)
     return D.jensen_shannon(log_a, log_b, cfg.jsd_beta, weight)
 
 
-def _objective(log_p: Tensor, log_q: Tensor, cfg: LossConfig, weight: Tensor | None = None) -> Tensor:
-    """D on the chosen order of (p, q, r) over the last dimension; [..., K] → [...]."""
+def _objective(log_p: Tensor, log_q: Tensor, cfg: LossConfig, weight: Tensor | None = None,
+               exact: bool = False) -> Tensor:
+    """D on the chosen order of (p, q, r) over the last dimension; [..., K] → [...]. `exact`: the
+    α-β divergence in its cancellation-free form whatever its parameters (`D.alpha_beta`)."""
     log_q_in_r = log_q.detach() if cfg.stop_grad_r else log_q
     log_r = log_alpha_mixture(log_p, log_q_in_r, cfg.alpha, cfg.lam)
     first, second = {
@@ -150,7 +152,7 @@ def _objective(log_p: Tensor, log_q: Tensor, cfg: LossConfig, weight: Tensor | N
         "qr": (log_q, log_r),
         "rq": (log_r, log_q),
     }[cfg.order]
-    return _divergence(first, second, cfg, weight)
+    return _divergence(first, second, cfg, weight, exact)
 
 
 def full_loss(student_logits: Tensor, teacher_logits: Tensor, config: LossConfig) -> Tensor:
@@ -262,8 +264,9 @@ def _bins_loss_eager(
     dtype = log_q_s.dtype
     log_p_s = topk_logprobs.detach().to(dtype)
 
+    # Only k + 1 wide: the α-β divergence can afford its exact form (D.alpha_beta).
     if config.tail == "renorm":
-        return _objective(_normalise(log_p_s), _normalise(log_q_s), config)
+        return _objective(_normalise(log_p_s), _normalise(log_q_s), config, exact=True)
 
     # Cached values carry storage rounding; renormalise the teacher's k + 1 bins so they sum to 1.
     log_p = _normalise(torch.cat([log_p_s, tail_logmass.detach().to(dtype)[:, None]], dim=-1))
@@ -271,7 +274,7 @@ def _bins_loss_eager(
     weight = None
     if tail_weight_degree(config) is not None:
         weight = torch.cat([torch.ones_like(log_q_s), log_gamma.exp()[:, None]], dim=-1)
-    return _objective(log_p, log_q, config, weight)
+    return _objective(log_p, log_q, config, weight, exact=True)
 
 
 def mix_ce(kd: Tensor, ce: Tensor, config: LossConfig) -> Tensor:
