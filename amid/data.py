@@ -20,6 +20,7 @@ Templates:
 from __future__ import annotations
 
 import array
+import bisect
 import dataclasses
 import json
 import re
@@ -482,11 +483,18 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], cfg: TemplateConfig
     """input_ids of a conversation through the chat template, and the [start, end) token spans of
     its target assistant turns (`_answers`: each turn as the template renders it, its end of turn
     included). The template renders the whole conversation, and each turn's context (with the
-    generation prompt) and the conversation up to the turn; the texts are tokenized together."""
+    generation prompt) and the conversation up to the turn; the conversation is tokenized once
+    and cut where those texts end (`_token_cuts`), or, where a cut falls inside a token, every
+    text is tokenized and compared."""
     turns = _answers(messages)
     text = _chat(tokenizer, messages, where, tokenize=False)
     starts = [_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False) for i in turns]
     ends = [_chat(tokenizer, messages[: i + 1], where, tokenize=False) for i in turns]
+    if all(text.startswith(t) for t in (*starts, *ends)):
+        cut = _token_cuts(tokenizer, text, [len(t) for t in (*starts, *ends)])
+        if cut is not None:
+            full, at = cut
+            return full, list(zip(at[: len(turns)], at[len(turns):]))
     full, *rest = tokenizer([text, *starts, *ends], add_special_tokens=False)["input_ids"]
     before, upto = rest[: len(turns)], rest[len(turns):]
     if all(full[: len(b)] == b and full[: len(u)] == u for b, u in zip(before, upto)):
@@ -522,6 +530,44 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], cfg: TemplateConfig
     raise DataError(f"{where}: the chat template renders this conversation's earlier turns differently once "
                     f"more follow (Qwen3's drops their <think> blocks), so its assistant turns cannot be cut out; "
                     f"keep one answer per record (a record per turn, with the turns before it)")
+
+
+def _token_cuts(tokenizer, text: str, cuts: list[int]) -> tuple[list[int], list[int]] | None:
+    """input_ids of `text` and, for each character position in `cuts`, the number of its tokens
+    before it, where text[:cut] tokenizes alone to exactly those tokens; None if some cut does
+    not (or the tokenizer gives no offsets): the caller then tokenizes every prefix itself.
+
+    One tokenization of the text, not one per prefix (a conversation of T turns has 2T of them,
+    the cost growing with T²): a cut must fall between two tokens, and since a tokenizer splits
+    its input at added tokens (<|im_start|>, ...) before anything else, text[:cut] tokenizes as
+    the text does up to the last added token before the cut, then as the piece after it alone;
+    that piece is tokenized and compared."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    ends = [end for _, end in offsets]
+    if any(b < a for a, b in zip(ends, ends[1:])):
+        return None
+    added = set(tokenizer.added_tokens_decoder)
+    last_added, last = [], -1  # last_added[n]: the last added token among ids[:n] (-1: none)
+    for i, token in enumerate(ids):
+        last_added.append(last)
+        last = i if token in added else last
+    last_added.append(last)
+    counts, pieces, expected = [], [], []
+    for cut in cuts:
+        n = bisect.bisect_right(ends, cut)  # the tokens that end by the cut
+        if n < len(offsets) and offsets[n][0] < cut:
+            return None  # a token spans the cut
+        last = last_added[n]
+        counts.append(n)
+        pieces.append(text[(offsets[last][1] if last >= 0 else 0):cut])
+        expected.append(ids[last + 1:n])
+    alone = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    if any(list(a) != e for a, e in zip(alone, expected)):
+        return None
+    return ids, counts
 
 
 def _chat(tokenizer, messages: list[dict[str, str]], where: str, **kwargs):

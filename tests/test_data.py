@@ -553,3 +553,79 @@ def test_chat_messages_opening_turns_empty_turns_and_tool_calls(tok_chat):
     # Only an opening turn: nothing to learn, skipped and counted.
     _, stats, _ = build_examples([{"messages": talk[:1]}, {"messages": talk[:3]}], t, TemplateConfig(), "m")
     assert stats.skipped_empty == 1 and stats.examples == 1
+
+
+def _random_conversations(seed: int, n: int):
+    """Conversations whose turns open and close on newlines, spaces, digits and literal special
+    tokens: the cases where a turn's first token can merge with its context's last."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["the", "cat", "\n", "\n\n", " ", "  ", "1.", "2", "Hello!", "<|im_end|>", "é", "日本", "\t", "x = 1"]
+
+    def text():
+        return "".join(rng.choice(pieces) + rng.choice(["", " ", "\n"]) for _ in range(rng.randint(0, 10)))
+
+    for _ in range(n):
+        talk = [{"role": "system", "content": text()}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 4)):
+            talk += [{"role": "user", "content": text() or "q"}, {"role": "assistant", "content": text()}]
+        yield talk
+
+
+def _both_ways(tokenizer, talk):
+    """A conversation through the one-tokenization path and through the per-prefix one."""
+    import amid.data
+
+    cfg = TemplateConfig(template="chat")
+    try:
+        fast = amid.data._conversation(tokenizer, talk, cfg, "m")
+    except DataError:
+        fast = None
+    real = amid.data._token_cuts
+    amid.data._token_cuts = lambda *_: None
+    try:
+        exact = amid.data._conversation(tokenizer, talk, cfg, "m")
+    except DataError:
+        exact = None
+    finally:
+        amid.data._token_cuts = real
+    return fast, exact
+
+
+def test_conversations_tokenized_once_equal_every_prefix_tokenized(tok_chat):
+    for talk in _random_conversations(0, 150):
+        fast, exact = _both_ways(tok_chat, talk)
+        assert fast == exact, talk
+
+
+def test_conversations_tokenized_once_equal_every_prefix_tokenized_in_the_real_qwen2_template():
+    from transformers import AutoTokenizer
+
+    qwen = AutoTokenizer.from_pretrained(shared_path("tokenizers", "qwen2"))
+    for talk in _random_conversations(1, 150):
+        fast, exact = _both_ways(qwen, talk)
+        assert fast == exact, talk
+
+
+def test_a_long_conversation_is_tokenized_in_time_linear_in_its_length(tok_chat):
+    class Counting:  # the tokenizer, counting the characters it is asked to tokenize
+        def __init__(self, inner):
+            self.inner, self.chars = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, texts, **kw):
+            self.chars += sum(map(len, [texts] if isinstance(texts, str) else texts))
+            return self.inner(texts, **kw)
+
+    talk = []
+    for i in range(30):
+        talk += [{"role": "user", "content": f"question {i} about the cat"},
+                 {"role": "assistant", "content": f"the answer {i} is the dog and the bird"}]
+    counting = Counting(tok_chat)
+    (ex,), _, _ = build_examples([{"messages": talk}], counting, TemplateConfig(template="chat", max_length=4096), "m")
+    length = len(tok_chat.apply_chat_template(talk, tokenize=False))
+    assert counting.chars <= 3 * length, (counting.chars, length)  # every prefix would be ~30x
+    assert tok_chat.decode(targets(ex)).count("<|im_end|>") == 30
