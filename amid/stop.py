@@ -71,7 +71,10 @@ class StopRequest:
     def restore(self) -> None:
         for s, handler in self._previous.items():
             # None: a handler not set from Python; the default is the honest restoration
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+            previous = handler if handler is not None else signal.SIG_DFL
+            if self.signum is not None:  # a repeat still on its way (torchrun, a sweep passing it on) is
+                previous = _LateRepeats(self._first_at + STOP_WINDOW_S, s, previous)  # the same request
+            signal.signal(s, previous)
         self._previous.clear()
 
     def __enter__(self) -> "StopRequest":
@@ -88,3 +91,17 @@ class StopRequest:
                 self.say(self.notice)
         elif signum == signal.SIGINT and now - self._first_at >= STOP_WINDOW_S:
             raise KeyboardInterrupt
+
+
+class _LateRepeats:
+    """The handler left once a stop was requested: signals before `until` are ignored (repeats of
+    the request); the first one after puts `previous` back and delivers itself to it."""
+
+    def __init__(self, until: float, signum: int, previous):
+        self.until, self.signum, self.previous = until, signum, previous
+
+    def __call__(self, signum: int, _frame) -> None:
+        if time.monotonic() < self.until:
+            return
+        signal.signal(self.signum, self.previous)
+        os.kill(os.getpid(), signum)

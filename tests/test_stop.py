@@ -11,13 +11,21 @@ import amid.stop
 from amid.stop import Interrupted, StopRequest
 
 
+@pytest.fixture(autouse=True)
+def handlers_put_back():
+    """Each test leaves SIGINT/SIGTERM as it found them (a stop leaves a handler for late repeats)."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in before.items():
+        signal.signal(s, handler)
+
+
 def _send(signum: int) -> None:
     os.kill(os.getpid(), signum)  # Python runs the handler before the next bytecode of this thread
 
 
 def test_the_first_signal_is_a_request_and_repeats_within_the_window_are_the_same_one():
     said: list[str] = []
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with StopRequest("stopping soon", say=said.append) as stop:
         assert not stop.requested
         _send(signal.SIGTERM)
@@ -25,7 +33,24 @@ def test_the_first_signal_is_a_request_and_repeats_within_the_window_are_the_sam
         _send(signal.SIGINT)  # e.g. torchrun forwarding the terminal's Ctrl-C a moment later
         _send(signal.SIGTERM)
         assert stop.signum == signal.SIGTERM and said == ["stopping soon"]
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    _send(signal.SIGINT)  # a repeat arriving once the job has stopped, still within the window
+    _send(signal.SIGTERM)
+
+
+def test_after_the_window_signals_reach_the_handlers_from_before(monkeypatch):
+    import time
+
+    monkeypatch.setattr(amid.stop, "STOP_WINDOW_S", 0.05)
+    with StopRequest() as stop:
+        _send(signal.SIGINT)
+        assert stop.requested
+    time.sleep(0.1)
+    with pytest.raises(KeyboardInterrupt):
+        _send(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with StopRequest() as stop:  # without a request the handlers are put back as they were
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_later_ctrl_c_stops_at_once_and_a_later_sigterm_does_not(monkeypatch):
@@ -36,7 +61,6 @@ def test_a_later_ctrl_c_stops_at_once_and_a_later_sigterm_does_not(monkeypatch):
         _send(signal.SIGTERM)  # a scheduler repeating itself: still the one request
         with pytest.raises(KeyboardInterrupt):
             _send(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_interrupted_is_a_keyboard_interrupt_with_the_shells_exit_status():
