@@ -249,10 +249,15 @@ class ShardWriter:
             final = self.directory / name
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            except OSError as exc:  # a full disk: name the file, leave no temporary behind
+                tmp.unlink(missing_ok=True)
+                raise CacheError(f"{final}: cannot be written ({exc.strerror or exc}); free space and rerun the "
+                                 f"same command to continue (the finished shards are kept)") from None
             os.replace(tmp, final)
             fsync_dir(final.parent)
             files[part] = {"file": name, "bytes": len(data), "sha256": sha256_bytes(data)}

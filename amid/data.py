@@ -320,17 +320,11 @@ def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source:
     if cfg.response_field == "response" and "response" not in fields and "output" in fields:
         # Dolly/Alpaca-style files with `output` (e.g. the dev/test splits): same meaning.
         cfg = dataclasses.replace(cfg, response_field="output")
-    if cfg.template != "auto":
-        template = cfg.template
-    elif cfg.text_field in fields:
-        template = "text"
-    elif cfg.messages_field in fields:
-        template = "chat"
-    elif cfg.prompt_field in fields and cfg.response_field in fields:
-        template = "plain"
-    elif "instruction" in fields and cfg.response_field in fields:
-        template = "dolly"
-    else:
+    present = {k for k, v in records[0].items() if v is not None}  # a table's absent values are None
+    template = cfg.template if cfg.template != "auto" else _auto_template(present, cfg)
+    if cfg.template == "auto" and template is not None:
+        _refuse_mixed_fields(records, template, cfg, source)
+    if template is None:
         raise DataError(
             f"{source}: fields {sorted(fields)} match no template; expected '{cfg.text_field}' "
             f"(text), '{cfg.messages_field}' (chat), '{cfg.prompt_field}'/'{cfg.response_field}' (instruction "
@@ -350,6 +344,33 @@ def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source:
             f"name yours with --text-field / --prompt-field / --response-field"
         )
     return template, cfg
+
+
+def _auto_template(fields: set[str] | dict[str, Any], cfg: TemplateConfig) -> str | None:
+    """The template `--template auto` picks for records with these fields (None: no match)."""
+    if cfg.text_field in fields:
+        return "text"
+    if cfg.messages_field in fields:
+        return "chat"
+    if cfg.prompt_field in fields and cfg.response_field in fields:
+        return "plain"
+    if "instruction" in fields and cfg.response_field in fields:
+        return "dolly"
+    return None
+
+
+def _refuse_mixed_fields(records: list[dict[str, Any]], template: str, cfg: TemplateConfig, source: str) -> None:
+    """A file whose records hold the fields of different templates (a `text` record among
+    prompt/response ones: a table's columns are their union, absent values None) would have
+    all but one kind skipped as empty under the template `auto` picks: refuse, naming both."""
+    for index, record in enumerate(records):
+        own = _auto_template({k for k, v in record.items() if v is not None}, cfg)
+        if own is not None and own != template:
+            first = next(i for i, r in enumerate(records)
+                         if _auto_template({k for k, v in r.items() if v is not None}, cfg) == template)
+            raise DataError(f"{where(records, index, source)}: this record has the fields of template {own!r}, "
+                            f"{where(records, first, source)} those of {template!r}; keep one kind of record per "
+                            f"file, or pass --template to choose (records without its fields are then skipped)")
 
 
 def dolly_prompt(record: dict[str, Any]) -> str:

@@ -211,11 +211,16 @@ class EvalConfig:
     device: str = "auto"
     out: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.rouge and not self.seeds:
+            raise ValueError("--seeds must name at least one sampling seed for --rouge, e.g. --seeds 10,20")
+        if self.max_length < 2 or self.max_new_tokens < 1:
+            raise ValueError(f"--max-length must be at least 2 and --max-new-tokens at least 1, got "
+                             f"{self.max_length} and {self.max_new_tokens}")
+
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Perplexity (and ROUGE-L if asked) of a model directory or a run directory's final model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from amid.cache import write_json_atomic
     from amid.distributed import world_from_env
 
@@ -226,12 +231,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if (path / sub / "config.json").exists():
             path = path / sub
             break
-    from amid.teacher import check_model_name, resolve_device
+    from amid.models import check_model_name, load_model, load_tokenizer
+    from amid.teacher import resolve_device
 
     check_model_name(cfg.model, "--model")
     device = resolve_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else cfg.model)
-    model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else cfg.model).to(device)
+    source = str(path) if path.exists() else cfg.model
+    tokenizer = load_tokenizer(source, "--model")
+    model = load_model(source, "--model").to(device)
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
                               response_field=cfg.response_field, text_field=cfg.text_field,
                               messages_field=cfg.messages_field,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from amid.cache import (
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
+from amid.models import check_model_name, load_model, load_tokenizer  # noqa: F401 (check_model_name: re-exported)
 from amid.paths import same_path
 from amid.loader import pad_examples
 
@@ -69,8 +71,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {self.top_k}")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be positive, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"--temperature must be positive and finite, got {self.temperature}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
         if min(self.batch_size, self.max_tokens, self.examples_per_shard, self.positions_per_shard) < 1:
@@ -95,17 +97,6 @@ def tokenizer_identity(tokenizer) -> dict[str, Any]:
     specials = {k: v for k, v in sorted(tokenizer.special_tokens_map.items()) if isinstance(v, str)}
     digest = hashlib.sha256(json.dumps([vocab, specials], ensure_ascii=False).encode()).hexdigest()
     return {"vocab_sha256": digest, "vocab_size": len(vocab), "special_tokens": specials}
-
-
-def check_model_name(name: str, what: str) -> None:
-    """ValueError for a local-looking model path that does not exist ("./x", "../x", "/x"), or
-    one starting with "~" (which transformers does not expand): transformers would take it for
-    a hub name and fail with an unrelated message. Other names ("gpt2", "owner/name") may be hub
-    names and are left to transformers."""
-    if name.startswith("~"):
-        raise ValueError(f"{what} {name}: '~' is not expanded here; pass {Path(name).expanduser()}")
-    if name.startswith(("./", "../", "/", ".\\")) and not Path(name).is_dir():
-        raise ValueError(f"{what} {name}: no such local model directory")
 
 
 def model_identity(name_or_path: str, model) -> dict[str, Any]:
@@ -202,13 +193,10 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     Raises DataError for bad data and CacheError for an output directory that holds another
     cache; in both cases nothing is written.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     start = time.time()
     out = Path(cfg.out)
     rank, _, world = world_from_env()
-    check_model_name(cfg.teacher, "--teacher")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.teacher, "--teacher", cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)
     if stats.skipped_empty and rank == 0:
@@ -217,9 +205,7 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.teacher, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    ).to(device).eval()
+    model = load_model(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype=dtype).to(device).eval()
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     context = context_length(model)
     longest = max(examples, key=lambda e: len(e.input_ids))

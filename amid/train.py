@@ -54,10 +54,11 @@ from amid.data import DataError, cut_batches, lm_blocks
 from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
+from amid.models import load_model, load_tokenizer
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.paths import same_path, same_setting
 from amid.stop import Interrupted, StopRequest, signal_name
-from amid.teacher import architecture, check_model_name, resolve_device, resolve_dtype, tokenizer_identity
+from amid.teacher import architecture, resolve_device, resolve_dtype, tokenizer_identity
 
 __all__ = ["TrainConfig", "TrainError", "TrainingDiverged", "train", "SCHEDULES", "DTYPES"]
 
@@ -175,12 +176,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 < self.lr < math.inf, f"--lr must be positive and finite, got {self.lr}"),
             (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
             (self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}"),
             (self.warmup_steps is None or self.warmup_steps >= 0, "--warmup must be at least 0"),
+            (self.seed >= 0, f"--seed must be at least 0, got {self.seed}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
-            (self.weight_decay >= 0, f"--weight-decay must be at least 0, got {self.weight_decay}"),
+            (0 <= self.weight_decay < math.inf, f"--weight-decay must be at least 0 and finite, got {self.weight_decay}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.max_tokens is None or self.max_tokens >= 1, f"--max-tokens must be at least 1, got {self.max_tokens}"),
             (self.grad_accum >= 1, f"--grad-accum must be at least 1, got {self.grad_accum}"),
@@ -242,13 +244,10 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
 # Student and compatibility
 
 
-def _load_student(path: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_name(path, "--student")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+def _load_student(path: str, trust_remote_code: bool, what: str = "--student"):
+    tokenizer = load_tokenizer(path, what, trust_remote_code)
     # Master weights in float32; bf16/fp16 is autocast's business.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = load_model(path, what, trust_remote_code, dtype=torch.float32)
     return model, tokenizer
 
 
@@ -259,10 +258,7 @@ def _describe_tokenizer(ident: dict[str, Any]) -> str:
 def check_tokenizer(student: str, cache: Cache, tokenizer=None, trust_remote_code: bool = False) -> None:
     """Refuse a student whose tokenizer is not the cache's (compared by vocabulary hash)."""
     if tokenizer is None:
-        from transformers import AutoTokenizer
-
-        check_model_name(student, "--student")
-        tokenizer = AutoTokenizer.from_pretrained(student, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(student, "--student", trust_remote_code)
     m = cache.manifest
     mine = tokenizer_identity(tokenizer)
     theirs = m["tokenizer"]
@@ -324,17 +320,12 @@ def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log, flag: 
     ran in (float32 for caches that do not say), so that the two paths differ only by what the
     cache keeps (top-k, rounding). Refused unless its tokenizer, logits and architecture are
     those of the cache's teacher (its weights are not hashed again: another name gets a note)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     m = cache.manifest
-    check_model_name(name, flag)
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(name, flag, cfg.trust_remote_code)
     if tokenizer_identity(tokenizer) != m["tokenizer"]:
         raise TrainError(f"teacher {name} has a different tokenizer than the cache {cache.path}")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(m.get("teacher_dtype"), torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-    ).to(device).eval()
+    model = load_model(name, flag, cfg.trust_remote_code, dtype=dtype).to(device).eval()
     theirs = m.get("teacher", {})
     if _vocab_size(model) != int(m["vocab_size"]):
         raise TrainError(f"teacher {name} has {_vocab_size(model)} output logits, the teacher of the cache "
@@ -522,11 +513,17 @@ def save_model_dir(path: Path, model, tokenizer, state: dict[str, Any] | None = 
     tmp = path.with_name(f".{path.name}.tmp")
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if state is not None:
-        torch.save(state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as exc:  # a full disk: torch.save's says "unexpected pos ..."
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous {path.name} is kept; " if path.exists() else ""
+        raise TrainError(f"{path}: writing it failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                         f"is the disk full?); {kept}free space and continue with the same command and --resume") from None
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
@@ -607,6 +604,9 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: RunLock) -> dict
             f"batches a step; this is {ranks.world} x {cfg.grad_accum}; resume {fits} (the same batches a step), "
             f"or choose another --out"
         )
+    if not same_path(cfg.student, saved.get("student", cfg.student)):
+        log(f"note: --student {cfg.student} is not the student this run started from ({saved.get('student')}); "
+            f"the run continues from its checkpoint, which holds the weights")
     if saved_world != ranks.world:
         log(f"note: resuming a run of {saved_world} process(es) x --grad-accum {saved_accum} on {ranks.world} x "
             f"{cfg.grad_accum}: the same batches a step; a student with dropout draws its masks per process, so "

@@ -945,3 +945,25 @@ def test_chat_messages_data_is_cached_turn_by_turn(tmp_path):
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q?", "response": "A."}] * 3)
     manifest = run_cache(teacher=str(teacher), data=str(plain), out=str(tmp_path / "c2"), template="chat")
     assert "messages" not in manifest["data"]["fields"]
+
+
+def test_a_shard_that_cannot_be_written_is_named_and_leaves_no_temporary(teachers, data_files, tmp_path, monkeypatch):
+    import amid.cache as cache_mod
+
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), examples_per_shard=2, batch_size=2)
+    out = tmp_path / "out"
+    real = cache_mod.os.fsync
+
+    def full_after_two(fd):  # shards 0 and 1 fit on the disk, shard 2 does not
+        if "shard-000002" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(cache_mod.os, "fsync", full_after_two)
+    with pytest.raises(CacheError, match=r"shard-000002\.parquet: cannot be written \(No space left on device\); "
+                                         r"free space and rerun the same command"):
+        run_cache(out=str(out), **kw)
+    assert not _temporaries(out)
+    monkeypatch.setattr(cache_mod.os, "fsync", real)
+    run_cache(out=str(out), **kw)  # the rerun continues from the two shards written
+    open_cache(out)

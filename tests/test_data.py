@@ -629,3 +629,15 @@ def test_a_long_conversation_is_tokenized_in_time_linear_in_its_length(tok_chat)
     length = len(tok_chat.apply_chat_template(talk, tokenize=False))
     assert counting.chars <= 3 * length, (counting.chars, length)  # every prefix would be ~30x
     assert tok_chat.decode(targets(ex)).count("<|im_end|>") == 30
+
+
+def test_a_file_mixing_the_fields_of_two_templates_is_refused_naming_both(tok, tmp_path):
+    # As a JSON table reads it: every record has every column, absent values None.
+    rows = [{"prompt": f"Q{i}", "response": f"A{i}", "text": None} for i in range(5)]
+    rows[3] = {"prompt": None, "response": None, "text": "a document"}
+    f = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError, match=r"mixed.jsonl:4: this record has the fields of template 'text', "
+                                        r".*mixed.jsonl:1 those of 'plain'.*pass --template"):
+        build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
+    examples, stats, template = build_examples(load_records(str(f)), tok, TemplateConfig(template="plain"), str(f))
+    assert template == "plain" and stats.examples == 4 and stats.skipped_empty == 1

@@ -1011,3 +1011,36 @@ def test_a_fresh_run_that_loses_the_race_for_a_new_directory_writes_nothing(worl
         train(config(world, out), log=quiet)
     assert (out / "metrics.jsonl").read_text() == '{"step": 0, "eval_kl": 1.0}\n'
     assert json.loads((out / "summary.json").read_text()) == {"steps": 99}
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(world, tmp_path, monkeypatch):
+    # A full disk: torch.save fails with "unexpected pos" (a RuntimeError) midway through the write.
+    import amid.train as amid_train
+
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=4, save_every=2), log=quiet)  # a finished run with a checkpoint at 4
+    real = amid_train.torch.save
+
+    def full_disk(obj, f, *args, **kw):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 5504 vs 5392")
+
+    monkeypatch.setattr(amid_train.torch, "save", full_disk)
+    with pytest.raises(TrainError, match=r"checkpoint: writing it failed \(\[enforce fail.*is the disk full\?\); "
+                                         r"the previous checkpoint is kept; free space and continue .* --resume"):
+        train(config(world, out, max_steps=8, save_every=2, resume=True), log=quiet)
+    monkeypatch.setattr(amid_train.torch, "save", real)
+    assert not (out / ".checkpoint.tmp").exists()
+    assert torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 4
+    done = train(config(world, out, max_steps=8, save_every=2, resume=True), log=quiet)
+    assert done["steps"] == 8
+
+
+def test_resuming_with_another_student_says_the_checkpoint_is_used(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=2, save_every=1), log=quiet)
+    other = tmp_path / "other"
+    make_tokenizer(other)
+    make_llama(other, world["vocab"], seed=5)
+    logs: list[str] = []
+    train(config(world, out, max_steps=3, student=str(other), resume=True), log=logs.append)
+    assert any(f"note: --student {other} is not the student this run started from" in m for m in logs), logs

@@ -1,0 +1,107 @@
+"""amid.models: every command loads its models through one place, which refuses in one line what
+transformers would load anyway (a missing LM head filled with random values) or fail deep inside."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from amid.cli import main
+from amid.models import ModelError, load_model, load_tokenizer
+from helpers import train_tokenizer, write_jsonl
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama_config(vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A good causal LM, a bare base model (no LM head), one with a truncated weight file and a
+    tokenizer-only directory, all with the same tokenizer; and a small data file."""
+    from transformers import LlamaForCausalLM, LlamaModel
+
+    root = tmp_path_factory.mktemp("models")
+    tok = train_tokenizer(300)
+    torch.manual_seed(0)
+    for name, cls in (("good", LlamaForCausalLM), ("headless", LlamaModel), ("cut", LlamaForCausalLM)):
+        cls(_llama_config(len(tok))).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    weights = root / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    tok.save_pretrained(root / "tokenizer_only")
+    LlamaForCausalLM(_llama_config(len(tok))).save_pretrained(root / "no_tokenizer")
+    data = write_jsonl(root / "data.jsonl", [{"prompt": f"Count {i}:", "response": " one two three"} for i in range(6)])
+    return {"root": root, "data": str(data)}
+
+
+def test_a_model_without_its_lm_head_is_refused_not_filled_with_random_weights(models):
+    root = models["root"]
+    assert load_model(str(root / "good"), "--teacher") is not None
+    with pytest.raises(ModelError, match=r"--teacher .*headless: its weights lack lm_head.weight \(a base model"):
+        load_model(str(root / "headless"), "--teacher")
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("cut", "cannot be loaded as a causal language model"),
+    ("tokenizer_only", "cannot be loaded as a causal language model"),
+])
+def test_a_damaged_or_incomplete_model_directory_is_one_line(models, name, needle):
+    with pytest.raises(ModelError, match=needle):
+        load_model(str(models["root"] / name), "--student")
+
+
+def test_a_directory_without_a_tokenizer_is_named(models):
+    with pytest.raises(ModelError, match=r"--student .*no_tokenizer: no usable tokenizer .*tokenizer files"):
+        load_tokenizer(str(models["root"] / "no_tokenizer"), "--student")
+
+
+def test_every_command_refuses_them_in_one_line_and_writes_nothing(models, tmp_path):
+    root, data = models["root"], models["data"]
+    runner = CliRunner()
+    for bad in ("headless", "cut"):
+        out = tmp_path / f"cache_{bad}"
+        res = runner.invoke(main, ["cache-teacher", "--teacher", str(root / bad), "--data", data, "--out", str(out),
+                                   "--top-k", "4", "--device", "cpu", "--quiet"])
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert res.output.strip().splitlines()[-1].startswith(f"Error: --teacher {root / bad}: "), res.output
+        assert not out.exists()
+        res = runner.invoke(main, ["eval", "--model", str(root / bad), "--data", data, "--device", "cpu"])
+        assert res.exit_code == 1 and res.output.strip().splitlines()[-1].startswith(f"Error: --model {root / bad}: ")
+
+    cache = tmp_path / "cache"
+    res = runner.invoke(main, ["cache-teacher", "--teacher", str(root / "good"), "--data", data, "--out", str(cache),
+                               "--top-k", "4", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    res = runner.invoke(main, ["train", "--cache", str(cache), "--student", str(root / "headless"), "--out", str(run),
+                               "--max-steps", "1", "--device", "cpu", "--quiet"])
+    assert res.exit_code == 1 and "its weights lack lm_head.weight" in res.output.strip().splitlines()[-1]
+    assert not run.exists()
+
+
+def test_non_finite_rates_and_temperatures_are_refused_up_front(models, tmp_path):
+    from amid.evaluate import EvalConfig
+    from amid.teacher import CacheConfig
+    from amid.train import TrainConfig
+
+    with pytest.raises(ValueError, match="--lr must be positive and finite, got inf"):
+        TrainConfig(cache="c", student="s", out="o", lr=math.inf)
+    with pytest.raises(ValueError, match="--seed must be at least 0, got -1"):
+        TrainConfig(cache="c", student="s", out="o", seed=-1)
+    with pytest.raises(ValueError, match="--temperature must be positive and finite, got inf"):
+        CacheConfig(teacher="t", data="d", out="o", temperature=math.inf)
+    with pytest.raises(ValueError, match="--seeds must name at least one sampling seed"):
+        EvalConfig(model="m", data="d", rouge=True, seeds=())
+    res = CliRunner().invoke(main, ["eval", "--model", str(models["root"] / "good"), "--data", models["data"],
+                                    "--rouge", "--seeds", ","])
+    assert res.exit_code == 1 and "--seeds must name at least one sampling seed" in res.output, res.output
