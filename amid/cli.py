@@ -268,6 +268,12 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
             if word not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
                 raise click.BadParameter(f"--train-arg {key} takes true or false, got {value!r}")
             overrides[key] = word in ("true", "yes", "1", "on")
+    lists = {"--preset": presets, "--alpha": alphas, "--lam": lams, "--divergence": divergences, "--order": orders,
+             **({"--devices": devices} if devices.strip() else {})}  # no --devices: the default device
+    for option, text in lists.items():  # _words and _floats drop empty items: here each drops runs
+        if not all(x.strip() for x in text.split(",")):
+            raise ValueError(f"{option} {text!r}: {'an empty item' if text.strip() else 'no values'}; "
+                             f"give a comma list without empty items")
     cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas), lams=_floats(lams),
                       divergences=_words(divergences), orders=_words(orders), devices=_words(devices),
                       train_overrides=overrides, **options)

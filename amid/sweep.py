@@ -12,20 +12,22 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Mapping
 
 from amid.cache import write_json_atomic
 from amid.distributed import world_from_env
 from amid.paths import same_setting
 from amid.stop import Interrupted, StopRequest, signal_name
 
-__all__ = ["SweepConfig", "expand_grid", "run_sweep", "failed_runs"]
+__all__ = ["SweepConfig", "expand_grid", "device_slots", "run_sweep", "failed_runs"]
 
 # Presets whose objective does not depend on α (they fix their own mixture or have none).
 ALPHA_FREE = {"kd", "rkl", "skl", "srkl", "gkd", "taid", "abkd", "ce"}
@@ -34,6 +36,16 @@ GRID_KEYS = frozenset({"cache", "student", "out", "preset", "alpha", "lam", "div
 # Exit statuses of a run that stopped on SIGINT/SIGTERM: by itself (amid.stop), or killed by it in
 # its start-up, before Python's handler (SIGTERM's default ends the process).
 STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}
+# What a --train-arg value may be, by the TrainConfig field's annotation (JSON values, as the CLI parses them).
+_KINDS = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "None": ("null", lambda v: v is None),
+    "tuple[float, float]": ("two numbers ([a, b])", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+                            and all(_KINDS["float"][1](x) for x in v)),
+}
 RESULT_FIELDS = ["run", "preset", "alpha", "lam", "divergence", "order", "status", "eval_kl", "eval_ppl",
                  "test_ppl", "rougeL", "train_tokens", "wall_s", "error"]
 
@@ -60,17 +72,24 @@ def _fmt(x: float) -> str:
 
 def expand_grid(cfg: SweepConfig) -> list[dict[str, Any]]:
     """The runs of the grid: α-dependent presets (amid) cross α × λ × divergence × order;
-    α-free presets run once each with their own defaults."""
-    runs = []
+    α-free presets run once each with their own defaults. A value given twice is one run (one
+    directory, trained once); ValueError for an empty list, or two values under one run name."""
+    grid = {"--alpha": cfg.alphas, "--lam": cfg.lams, "--divergence": cfg.divergences, "--order": cfg.orders}
+    empty = [opt for opt, values in {"--preset": cfg.presets, **grid}.items() if not values]
+    if empty and (empty[0] == "--preset" or any(p not in ALPHA_FREE for p in cfg.presets)):
+        raise ValueError(f"{empty[0]}: no values; the grid would have no runs")
+    runs: dict[str, dict[str, Any]] = {}
     for preset in cfg.presets:
         if preset in ALPHA_FREE:
-            runs.append({"name": preset, "preset": preset, "loss": {}})
+            runs.setdefault(preset, {"name": preset, "preset": preset, "loss": {}})
             continue
         for alpha, lam, div, order in itertools.product(cfg.alphas, cfg.lams, cfg.divergences, cfg.orders):
             name = f"{preset}_a{_fmt(alpha)}_l{_fmt(lam)}_{div}_{order}"
-            runs.append({"name": name, "preset": preset,
-                         "loss": {"alpha": alpha, "lam": lam, "divergence": div, "order": order}})
-    return runs
+            run = {"name": name, "preset": preset, "loss": {"alpha": alpha, "lam": lam, "divergence": div, "order": order}}
+            if runs.setdefault(name, run) != run:  # _fmt keeps 6 digits: 0.1234567 and 0.1234568 share a name
+                raise ValueError(f"run {name}: two settings under one name ({runs[name]['loss']} and {run['loss']}); "
+                                 f"give values that differ in their first 6 digits")
+    return list(runs.values())
 
 
 def _run_dir(cfg: SweepConfig, name: str) -> Path:
@@ -87,11 +106,25 @@ def _spec(cfg: SweepConfig, run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_one(run_dir: Path) -> dict[str, Any]:
-    """Train and evaluate one run described by RUN_DIR/sweep_run.json; writes result.json."""
+def _eval_template(manifest: dict[str, Any]) -> dict[str, Any]:
+    """How --eval-data is read: the cache's own template and fields, so that test perplexity and
+    ROUGE-L see the format training saw (a chat template above all); other templates read the
+    test file by its fields. EvalConfig (and TemplateConfig) fields."""
+    data = manifest.get("data", {})
+    fields = data.get("fields", {})
+    return {"template": "chat" if data.get("template") == "chat" else "auto",
+            **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text", "messages")},
+            **({"max_length": data["max_length"]} if isinstance(data.get("max_length"), int) else {})}
+
+
+def run_one(run_dir: Path, device: str | None = None) -> dict[str, Any]:
+    """Train and evaluate one run described by RUN_DIR/sweep_run.json; writes result.json.
+    `device` (its --devices slot) replaces the training setting's."""
     from amid.train import TrainConfig, train
 
     spec = json.loads((run_dir / "sweep_run.json").read_text())
+    if device:
+        spec["train"]["device"] = device
     t0 = time.time()
     # resume=True: a run killed mid-way continues from its checkpoint; a fresh one starts at step 0.
     summary = train(TrainConfig(**{**spec["train"], "resume": True}))
@@ -101,13 +134,7 @@ def run_one(run_dir: Path) -> dict[str, Any]:
 
         from amid.cache import open_cache
 
-        # The cache's own template and fields, so that test perplexity and ROUGE-L see the format
-        # training saw (a chat template above all); other templates read the test file by its fields.
-        data = open_cache(spec["train"]["cache"], verify=False).manifest.get("data", {})
-        fields = data.get("fields", {})
-        as_cached = {"template": "chat" if data.get("template") == "chat" else "auto",
-                     **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text", "messages")},
-                     **({"max_length": data["max_length"]} if isinstance(data.get("max_length"), int) else {})}
+        as_cached = _eval_template(open_cache(spec["train"]["cache"], verify=False).manifest)
         ev = evaluate(EvalConfig(model=str(run_dir), data=spec["eval_data"], rouge=spec["rouge_limit"] > 0, **as_cached,
                                  rouge_limit=spec["rouge_limit"] or None, seeds=(10,), max_new_tokens=64,
                                  device=spec["train"].get("device", "auto")))
@@ -116,6 +143,46 @@ def run_one(run_dir: Path) -> dict[str, Any]:
     result["wall_s"] = round(time.time() - t0, 1)
     write_json_atomic(run_dir / "result.json", result)
     return result
+
+
+def device_slots(devices: tuple[str, ...], environ: Mapping[str, str] = os.environ
+                 ) -> list[tuple[str | None, dict[str, str], str | None]]:
+    """(entry, the child's environment changes, the child's training device) per --devices entry.
+
+    `cuda:N` is the N-th device this process sees (the N-th entry of CUDA_VISIBLE_DEVICES where
+    that is set), made the child's only visible one and trained on as "cuda": a GPU missing there
+    fails the run, where "auto" would train on the CPU. `cuda` is cuda:0. ValueError, naming the
+    entry, for one that is not cpu, cuda or cuda:N, a device this process does not see, or a
+    device given twice. No entries: one run at a time on the training setting's device."""
+    import torch
+
+    if not devices:
+        return [(None, {}, None)]
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    listed = None if visible is None else [v.strip() for v in visible.split(",") if v.strip()]
+    slots, seen = [], {}
+    for entry in devices:
+        match = re.fullmatch(r"cpu|cuda(?::(\d+))?", entry)
+        if match is None:
+            raise ValueError(f"--devices {entry}: not a device; each entry is cpu, cuda or cuda:N")
+        index = None if entry == "cpu" else int(match.group(1) or 0)
+        if index in seen:
+            raise ValueError(f"--devices {seen[index]} and {entry}: the same device twice"
+                             f"{' (cuda is cuda:0)' if 'cuda' in (seen[index], entry) else ''}; name each once")
+        seen[index] = entry
+        if index is None:
+            slots.append((entry, {}, "cpu"))
+            continue
+        if listed is not None and index >= len(listed):
+            raise ValueError(f"--devices {entry}: cuda:N is the N-th of CUDA_VISIBLE_DEVICES={visible}, which "
+                             f"lists {len(listed)} device(s)")
+        if index >= count:
+            raise ValueError(f"--devices {entry}: torch {torch.__version__} sees "
+                             f"{f'{count} CUDA device(s), cuda:0 to cuda:{count - 1}' if count else 'no CUDA device'}"
+                             f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}")
+        slots.append((entry, {"CUDA_VISIBLE_DEVICES": listed[index] if listed is not None else str(index)}, "cuda"))
+    return slots
 
 
 def run_sweep(cfg: SweepConfig, log=print) -> str:
@@ -127,6 +194,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
                          "torchrun (train one run on several GPUs with torchrun ... amid.cli train)")
     out = Path(cfg.out)
     runs = expand_grid(cfg)
+    slots = device_slots(cfg.devices)
     specs = {run["name"]: json.loads(json.dumps(_spec(cfg, run))) for run in runs}
     _check(cfg, runs, specs)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +213,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
         write_json_atomic(d / "sweep_run.json", spec)
         pending.append(run)
     log(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished, {len(pending)} to run")
-    _execute(cfg, pending, log)
+    _execute(cfg, pending, log, slots)
     return _report(cfg, runs, log)
 
 
@@ -159,9 +227,10 @@ def _old_spec(d: Path) -> dict[str, Any] | None:
 def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> None:
     """Refuse, before any directory is written or any run starts, what would make runs fail for
     certain: a setting TrainConfig does not know or accept, a missing or damaged cache, a student
-    with another tokenizer, or run directories trained with other settings under the same names."""
+    with another tokenizer, --eval-data that evaluation cannot read, or run directories trained
+    with other settings under the same names."""
     from amid.cache import open_cache
-    from amid.teacher import check_model_name
+    from amid.teacher import check_model_name, resolve_device
     from amid.train import TrainConfig, TrainError, check_tokenizer
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -176,10 +245,20 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     if gridded:
         raise ValueError(f"--train-arg {', '.join(gridded)}: set by the sweep itself (--cache, --student, --out, "
                          f"--preset, --alpha, --lam, --divergence, --order); pass it there")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in cfg.train_overrides.items():
+        kinds = [k.strip() for k in types[key].split("|")] if isinstance(types[key], str) else []
+        if kinds and all(k in _KINDS for k in kinds) and not any(_KINDS[k][1](value) for k in kinds):
+            # TrainConfig would fail on it with a TypeError (lr > 0) or let the run fail later.
+            raise ValueError(f"--train-arg {key} takes {' or '.join(_KINDS[k][0] for k in kinds)}, got {value!r}")
+    if "device" in cfg.train_overrides:
+        if cfg.devices:
+            raise ValueError("--train-arg device: --devices sets each run's device; pass one or the other")
+        resolve_device(cfg.train_overrides["device"])  # what train refuses: a device this machine lacks
     for run in runs:
         try:
             TrainConfig(**{**specs[run["name"]]["train"], "resume": True})
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:  # TypeError: a field of a type the checks above do not know
             raise ValueError(f"run {run['name']}: {exc}") from None
     from transformers import AutoTokenizer
 
@@ -196,6 +275,8 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
             raise ValueError(f"--eval-data: the cache {cfg.cache} was built with --template chat, and the student "
                              f"{cfg.student}'s tokenizer has no chat template to evaluate through; give the student "
                              f"the teacher's chat template (tokenizer_config.json), or drop --eval-data")
+    if cfg.eval_data:
+        _check_eval_data(cfg, cache, tokenizer, trust)
     clash = []
     for run in runs:
         old = _old_spec(_run_dir(cfg, run["name"]))
@@ -208,6 +289,32 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     if clash:
         raise ValueError(f"{cfg.out}: runs trained with other settings under the same names: {'; '.join(clash)}; "
                          f"rerun with those settings, delete the runs, or choose another --out")
+
+
+def _check_eval_data(cfg: SweepConfig, cache, tokenizer, trust: bool) -> None:
+    """Read --eval-data as run_one's evaluation will (amid.evaluate: perplexity, then ROUGE-L), so
+    that a missing, malformed or mismatched file is refused before the grid trains, not after."""
+    from transformers import AutoConfig
+
+    from amid.data import DataError, Records, TemplateConfig, build_examples, load_records
+    from amid.evaluate import _prompts_and_references
+    from amid.heads import context_length
+
+    as_cached = _eval_template(cache.manifest)
+    template = TemplateConfig(**as_cached, overflow="truncate")
+    context = context_length(SimpleNamespace(config=AutoConfig.from_pretrained(cfg.student, trust_remote_code=trust)))
+    if context and template.max_length > context:
+        template = dataclasses.replace(template, max_length=context)
+    try:
+        records = load_records(cfg.eval_data)
+        build_examples(records, tokenizer, template, cfg.eval_data)
+        if cfg.rouge_limit > 0 and template.messages_field not in records[0]:  # conversations: build_examples read them
+            first = Records(records[:cfg.rouge_limit], records.source, records.locations)
+            if not _prompts_and_references(first, cfg.eval_data, template.prompt_field, template.response_field)[1]:
+                raise DataError(f"{cfg.eval_data}: none of the first {len(first)} records (--rouge-limit) has a "
+                                f"reference response to score ROUGE-L against")
+    except DataError as exc:
+        raise ValueError(f"--eval-data: {exc}") from None
 
 
 def failed_runs(cfg: SweepConfig) -> list[str]:
@@ -224,11 +331,13 @@ def failed_runs(cfg: SweepConfig) -> list[str]:
     return failed
 
 
-def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
-    """Run `pending`, one child process per free device. On SIGINT/SIGTERM no run starts, the
-    running ones get the signal (they stop after their step with a checkpoint; a terminal's Ctrl-C
-    reaches them anyway) and, once they have, `Interrupted` says how to continue."""
-    devices = list(cfg.devices) or [None]
+def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log, slots=None) -> None:
+    """Run `pending`, one child process per free device slot (`device_slots`). On SIGINT/SIGTERM no
+    run starts, the running ones get the signal (they stop after their step with a checkpoint; a
+    terminal's Ctrl-C reaches them anyway) and, once they have, `Interrupted` says how to continue."""
+    slots = slots or device_slots(cfg.devices)
+    devices = [slot[0] for slot in slots]
+    slot_of = {slot[0]: slot for slot in slots}
     queue = list(pending)
     active: list[tuple[subprocess.Popen, dict[str, Any], str | None, float]] = []
     done = finished = interrupted = 0
@@ -246,12 +355,11 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
             while queue and free:
                 run, device = queue.pop(0), free.pop(0)
                 d = _run_dir(cfg, run["name"])
-                env = dict(os.environ)
-                if device and device.startswith("cuda:"):
-                    env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+                _, changes, train_device = slot_of[device]
+                args = [sys.executable, "-m", "amid.sweep", "--run", str(d)]
                 with open(d / "log.txt", "w") as log_file:  # the child keeps its own descriptor
-                    proc = subprocess.Popen([sys.executable, "-m", "amid.sweep", "--run", str(d)], stdout=log_file,
-                                            stderr=subprocess.STDOUT, env=env)
+                    proc = subprocess.Popen([*args, "--device", train_device] if train_device else args,
+                                            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **changes})
                 active.append((proc, run, device, time.time()))
             time.sleep(0.2)
             for item in list(active):
@@ -266,8 +374,10 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
                     interrupted += 1  # no result: the next sweep resumes it from its checkpoint
                     log(f"  [{done}/{len(pending)}] {run['name']}: stopped ({tail[0][:300]})")
                 elif proc.returncode != 0 or not (d / "result.json").exists():
-                    write_json_atomic(d / "result.json", {"status": "failed", "error": tail[0][:500]})
-                    log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({tail[0][:300]}); see {d / 'log.txt'}")
+                    # Killed by a signal, the log's last line is whatever the run printed before (a progress bar).
+                    error = _killed(proc.returncode) if proc.returncode < 0 else tail[0]
+                    write_json_atomic(d / "result.json", {"status": "failed", "error": error[:500]})
+                    log(f"  [{done}/{len(pending)}] {run['name']}: FAILED ({error[:300]}); see {d / 'log.txt'}")
                 else:
                     finished += 1
                     r = json.loads((d / "result.json").read_text())
@@ -287,6 +397,15 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log) -> None:
         raise Interrupted(f"{cfg.out}: {signal_name(stop.signum)}: {finished} of {len(pending)} runs finished this "
                           f"time ({interrupted} stopped with their checkpoints): rerun the same command to continue",
                           stop.signum)
+
+
+def _killed(returncode: int) -> str:
+    """What a child's negative exit status says: the signal that ended it."""
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:  # a real-time signal has no name
+        return f"killed by signal {-returncode}"
+    return f"killed by signal {-returncode} ({name}{'; out of memory?' if -returncode == signal.SIGKILL else ''})"
 
 
 def _report(cfg: SweepConfig, runs: list[dict[str, Any]], log) -> str:
@@ -386,9 +505,10 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description="internal: run one sweep run (used by run_sweep)")
     ap.add_argument("--run", required=True)
+    ap.add_argument("--device", default=None, help="this run's --devices slot: cpu or cuda")
     args = ap.parse_args()
     try:
-        run_one(Path(args.run))
+        run_one(Path(args.run), args.device)
     except Interrupted as exc:  # the parent sweep reads this line and the exit status
         print(f"Stopped: {exc}", flush=True)
         sys.exit(exc.exit_code)

@@ -174,3 +174,139 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_a_rerun_finishes_it(world, 
     assert all(r["status"] == "ok" for r in _rows(out).values())
     steps = [json.loads(line)["step"] for line in first.read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 201)) and stopped_at < 200
+
+
+def test_devices_are_checked_up_front_and_cuda_n_is_the_nth_visible_device(tmp_path, monkeypatch):
+    from amid.sweep import device_slots
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert device_slots(()) == [(None, {}, None)]  # the training setting's device
+    # The child sees only its GPU and trains on "cuda": no silent fall-back to the CPU.
+    assert device_slots(("cuda:1", "cpu"), {}) == [("cuda:1", {"CUDA_VISIBLE_DEVICES": "1"}, "cuda"),
+                                                   ("cpu", {}, "cpu")]
+    assert device_slots(("cuda", "cuda:1"), {"CUDA_VISIBLE_DEVICES": "4,5"}) == [
+        ("cuda", {"CUDA_VISIBLE_DEVICES": "4"}, "cuda"), ("cuda:1", {"CUDA_VISIBLE_DEVICES": "5"}, "cuda")]
+    for devices, environ, needle in [
+        (("cuda:0", "tpu:3"), {}, "--devices tpu:3: not a device; each entry is cpu, cuda or cuda:N"),
+        (("bogus",), {}, "--devices bogus: not a device"),
+        (("cuda:7",), {}, "--devices cuda:7: torch .* sees 2 CUDA device\\(s\\), cuda:0 to cuda:1"),
+        (("cuda:2",), {"CUDA_VISIBLE_DEVICES": "4,5"}, "cuda:2: .*CUDA_VISIBLE_DEVICES=4,5, which lists 2"),
+        (("cuda:0", "cuda"), {}, "--devices cuda:0 and cuda: the same device twice"),
+        (("cpu", "cpu"), {}, "--devices cpu and cpu: the same device twice"),
+    ]:
+        with pytest.raises(ValueError, match=needle):
+            device_slots(devices, environ)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--devices cuda:0: torch .* sees no CUDA device"):
+        device_slots(("cuda:0",), {})
+    # Refused before anything is written (and before the cache is even opened).
+    cfg = SweepConfig(cache="c", student="s", out=str(tmp_path / "sweep"), devices=("cuda:7", "tpu:3", "bogus"))
+    with pytest.raises(ValueError, match="--devices cuda:7"):
+        run_sweep(cfg, log=lambda m: None)
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.slow
+def test_a_cuda_slot_without_a_gpu_fails_its_run_and_a_cpu_slot_trains_on_the_cpu(world, tmp_path, monkeypatch):  # noqa: F811
+    # This process "sees" one GPU; the child's CUDA_VISIBLE_DEVICES (-1) hides every GPU, on any machine.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    out = tmp_path / "sweep"
+    train = {k: v for k, v in TRAIN.items() if k != "device"}
+    cfg = SweepConfig(cache=world["cache"], student=world["student"], out=str(out), presets=("kd", "ce"),
+                      devices=("cuda:0", "cpu"), train_overrides=train)
+    with pytest.raises(ValueError, match="--train-arg device: --devices sets each run's device"):
+        run_sweep(dataclasses.replace(cfg, train_overrides=TRAIN), log=lambda m: None)
+    run_sweep(cfg, log=lambda m: None)
+    rows = _rows(out)
+    assert rows["kd"]["status"] == "failed" and "no CUDA device" in rows["kd"]["error"], rows["kd"]
+    assert rows["ce"]["status"] == "ok"
+    assert json.loads((out / "runs" / "ce" / "config.json").read_text())["device"] == "cpu"
+
+
+def test_eval_data_is_read_up_front_as_the_evaluation_reads_it(world, tmp_path):  # noqa: F811
+    out = tmp_path / "sweep"
+    cfg = SweepConfig(cache=world["cache"], student=world["student"], out=str(out), presets=("kd",),
+                      train_overrides=TRAIN)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a b"}\n{"text": \n')
+    fields = tmp_path / "fields.jsonl"
+    fields.write_text('{"question": "a", "answer": "b"}\n')
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "a b c"}\n')
+    for data, rouge, needle in [(str(tmp_path / "nonexist.jsonl"), 0, "--eval-data: .*nonexist.jsonl: no such file"),
+                                (str(bad), 0, f"--eval-data: {bad}:2"),
+                                (str(fields), 0, "--eval-data: .*match no template"),
+                                (str(text), 4, "--eval-data: .*ROUGE-L needs 'prompt'")]:
+        with pytest.raises(ValueError, match=needle):
+            run_sweep(dataclasses.replace(cfg, eval_data=data, rouge_limit=rouge), log=lambda m: None)
+    assert not out.exists()
+
+
+def test_train_args_of_a_wrong_type_are_refused_in_one_line(world, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from amid.cli import main
+
+    out = tmp_path / "sweep"
+    base = ["sweep", "--cache", world["cache"], "--student", world["student"], "--out", str(out), "--preset", "kd"]
+    for arg, needle in [("lr=abc", "--train-arg lr takes a number, got 'abc'"),
+                        ("max_steps=abc", "--train-arg max_steps takes an integer or null, got 'abc'"),
+                        ("max_steps=2.5", "--train-arg max_steps takes an integer or null, got 2.5"),
+                        ("adam_betas=0.9", "--train-arg adam_betas takes two numbers"),
+                        ("device=tpu:3", "--device tpu:3: not a device")]:
+        res = CliRunner().invoke(main, [*base, "--train-arg", arg])
+        assert res.exit_code == 1 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert not out.exists()
+
+
+def test_a_run_killed_by_a_signal_is_reported_by_its_signal(tmp_path, monkeypatch):
+    import stat
+    import sys
+
+    from amid.sweep import _execute
+
+    # A stand-in for `python -m amid.sweep --run DIR`: prints a progress bar, then dies of a signal.
+    child = tmp_path / "child.sh"
+    child.write_text('#!/bin/sh\necho "Writing model shards: 100%|####|"\n'
+                     'case "$4" in *oom) kill -KILL $$;; *) kill -USR1 $$;; esac\n')
+    child.chmod(child.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sys, "executable", str(child))
+    cfg = SweepConfig(cache="c", student="s", out=str(tmp_path / "sweep"))
+    pending = [{"name": "oom"}, {"name": "usr1"}]
+    for run in pending:
+        (tmp_path / "sweep" / "runs" / run["name"]).mkdir(parents=True)
+    messages: list[str] = []
+    _execute(cfg, pending, messages.append)
+    error = {r["name"]: json.loads((tmp_path / "sweep" / "runs" / r["name"] / "result.json").read_text())["error"]
+             for r in pending}
+    assert error == {"oom": "killed by signal 9 (SIGKILL; out of memory?)", "usr1": "killed by signal 10 (SIGUSR1)"}
+    assert any("oom: FAILED (killed by signal 9 (SIGKILL; out of memory?))" in m for m in messages), messages
+
+
+def test_grid_values_given_twice_are_one_run_and_empty_ones_are_refused(tmp_path):
+    from click.testing import CliRunner
+
+    from amid.cli import main
+
+    cfg = SweepConfig(cache="c", student="s", out="o", presets=("kd", "amid", "kd"), alphas=(0.5, 0.5, 1.0))
+    assert [r["name"] for r in expand_grid(cfg)] == ["kd", "amid_a0.5_l0.1_kl_pr", "amid_a1_l0.1_kl_pr"]
+    with pytest.raises(ValueError, match="run amid_a0.123457_l0.1_kl_pr: two settings under one name"):
+        expand_grid(dataclasses.replace(cfg, alphas=(0.1234567, 0.1234568)))
+    with pytest.raises(ValueError, match="--alpha: no values"):
+        expand_grid(dataclasses.replace(cfg, alphas=()))
+    with pytest.raises(ValueError, match="--preset: no values"):
+        expand_grid(dataclasses.replace(cfg, presets=()))
+    assert [r["name"] for r in expand_grid(dataclasses.replace(cfg, presets=("kd",), alphas=()))] == ["kd"]
+
+    out = tmp_path / "sweep"
+    base = ["sweep", "--cache", str(tmp_path / "c"), "--student", "s", "--out", str(out)]
+    for args, needle in [(["--alpha", "0.5,,1"], "--alpha '0.5,,1': an empty item"),
+                         (["--alpha", ""], "--alpha '': no values"),
+                         (["--preset", "kd,"], "--preset 'kd,': an empty item"),
+                         (["--devices", "cpu,,cuda:0"], "--devices 'cpu,,cuda:0': an empty item")]:
+        res = CliRunner().invoke(main, [*base, *args])
+        assert res.exit_code == 1 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert not out.exists()
