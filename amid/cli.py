@@ -262,7 +262,10 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
-            overrides[key] = value
+            try:
+                overrides[key] = float(value)  # what JSON does not read as a number: .001, 1e-4 is fine
+            except ValueError:
+                overrides[key] = value
         if key in bool_fields and overrides[key] is not None and not isinstance(overrides[key], bool):  # True, no, ...
             word = str(overrides[key]).strip().lower()
             if word not in ("true", "false", "yes", "no", "1", "0", "on", "off"):

@@ -230,7 +230,8 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
     with another tokenizer, --eval-data that evaluation cannot read, or run directories trained
     with other settings under the same names."""
     from amid.cache import open_cache
-    from amid.teacher import check_model_name, resolve_device
+    from amid.models import load_tokenizer
+    from amid.teacher import resolve_device
     from amid.train import TrainConfig, TrainError, check_tokenizer
 
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -260,12 +261,9 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
             TrainConfig(**{**specs[run["name"]]["train"], "resume": True})
         except (ValueError, TypeError) as exc:  # TypeError: a field of a type the checks above do not know
             raise ValueError(f"run {run['name']}: {exc}") from None
-    from transformers import AutoTokenizer
-
     cache = open_cache(cfg.cache)
-    check_model_name(cfg.student, "--student")
     trust = cfg.train_overrides.get("trust_remote_code") is True
-    tokenizer = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=trust)
+    tokenizer = load_tokenizer(cfg.student, "--student", trust)
     try:
         check_tokenizer(cfg.student, cache, tokenizer)
     except TrainError as exc:

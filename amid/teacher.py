@@ -33,7 +33,7 @@ from amid.cache import (
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
-from amid.models import check_model_name, load_model, load_tokenizer  # noqa: F401 (check_model_name: re-exported)
+from amid.models import load_model, load_tokenizer
 from amid.paths import same_path
 from amid.loader import pad_examples
 

@@ -889,7 +889,7 @@ def test_refusal_names_the_data_setting_that_changed(teachers, data_files, gpt2_
 
 
 def test_a_missing_local_model_directory_is_named(tmp_path, data_files):
-    from amid.teacher import check_model_name
+    from amid.models import check_model_name
 
     for name in ("./nope", str(tmp_path / "nope"), "../nope"):
         with pytest.raises(ValueError, match=f"--teacher {name}: no such local model directory"):

@@ -259,6 +259,9 @@ def test_train_args_of_a_wrong_type_are_refused_in_one_line(world, tmp_path):  #
                         ("device=tpu:3", "--device tpu:3: not a device")]:
         res = CliRunner().invoke(main, [*base, "--train-arg", arg])
         assert res.exit_code == 1 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    # A number JSON does not read (.001) is a number, as amid train --lr .001 takes it.
+    res = CliRunner().invoke(main, [*base, "--train-arg", "lr=.001", "--train-arg", "max_steps=abc"])
+    assert res.exit_code == 1 and "max_steps takes" in res.stderr and "lr takes" not in res.stderr, res.output
     assert not out.exists()
 
 
