@@ -23,6 +23,7 @@ import array
 import bisect
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,11 +213,16 @@ def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations
     import datasets
 
     datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")  # it logs a failed file before raising: one line, ours
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         extra = {"encoding": "utf-8-sig"} if builder == "text" else {}  # a byte-order mark is no text
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
         raise DataError(f"{path}: could not be read as {builder}: {_first_line(exc)}") from exc
+    finally:
+        logger.setLevel(level)
     records = [dict(r) for r in ds]
     return records, (locations if locations is not None and len(locations) == len(records) else None)
 

@@ -644,8 +644,8 @@ def _foreign_dir(path: Path) -> bool:
         return False
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return True
+    except (OSError, ValueError):  # a damaged run's config.json (its checkpoint holds the settings) or a foreign one
+        return not any((path / name).exists() for name in ("checkpoint", "metrics.jsonl"))
     return not (isinstance(config, dict) and {"cache", "student", "out"} <= set(config))
 
 

@@ -641,3 +641,16 @@ def test_a_file_mixing_the_fields_of_two_templates_is_refused_naming_both(tok, t
         build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
     examples, stats, template = build_examples(load_records(str(f)), tok, TemplateConfig(template="plain"), str(f))
     assert template == "plain" and stats.examples == 4 and stats.skipped_empty == 1
+
+
+def test_an_unreadable_parquet_or_csv_file_is_one_line_without_the_librarys_own(tmp_path, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["a"] * 100, "response": ["b"] * 100}), bad)
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[: len(whole) // 2] + whole[-8:])  # a copy cut short, its footer kept
+    with pytest.raises(DataError, match=r"bad.parquet: could not be read as parquet"):
+        load_records(str(bad))
+    assert "Failed to read" not in capfd.readouterr().err  # datasets' logger stayed quiet

@@ -1044,3 +1044,16 @@ def test_resuming_with_another_student_says_the_checkpoint_is_used(world, tmp_pa
     logs: list[str] = []
     train(config(world, out, max_steps=3, student=str(other), resume=True), log=logs.append)
     assert any(f"note: --student {other} is not the student this run started from" in m for m in logs), logs
+
+
+def test_a_run_whose_config_json_is_damaged_resumes_from_its_checkpoint(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=2, save_every=1), log=quiet)
+    (out / "config.json").write_text('{"cache": "trunc')  # cut short by a crash or an editor
+    done = train(config(world, out, max_steps=3, resume=True), log=quiet)
+    assert done["steps"] == 3 and json.loads((out / "config.json").read_text())["max_steps"] == 3
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("not json")  # no run files: still not taken for a run
+    with pytest.raises(TrainError, match="not an amid run"):
+        train(config(world, model_dir, max_steps=1), log=quiet)
