@@ -87,7 +87,7 @@ def unlisted_files(directory: Path, shards: list[dict[str, Any]]) -> list[Path]:
 def is_cache_entry(name: str) -> bool:
     """Whether a name in a cache directory is one a cache (or a rank starting one) writes."""
     return (name in (MANIFEST, *PARTS) or (name.startswith("progress-rank") and name.endswith(".json"))
-            or (name.startswith(".") and ".tmp-" in name))
+            or (name.startswith(".") and ".tmp-" in name) or name.startswith(".lock-rank"))
 
 
 def progress_name(rank: int) -> str:

@@ -33,6 +33,7 @@ from amid.cache import (
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
+from amid.lock import DirLock
 from amid.models import load_model, load_tokenizer
 from amid.paths import same_path
 from amid.loader import pad_examples
@@ -261,6 +262,11 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     if old is None and foreign:
         raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
+    # Before the temporaries below are removed: with the same command still running they are its own.
+    lock = DirLock(out, f".lock-rank{rank}", busy=lambda: CacheError(
+        f"{out}: another amid cache-teacher is writing this cache{f' as rank {rank}' if world > 1 else ''}; "
+        f"wait for it to end (or stop it), then rerun to finish what it left"))
+    lock.take()  # held while `lock` lives: until this function returns or raises
     for stale, task in temporary_files(out):  # left by a killed writer; never visible as a shard
         # Only this rank's tasks: another rank may be writing one of its shards right now.
         if task is None or task % world == rank:

@@ -54,8 +54,9 @@ from amid.data import DataError, cut_batches, lm_blocks
 from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
-from amid.models import load_model, load_tokenizer
+from amid.lock import DirLock
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
+from amid.models import load_model, load_tokenizer
 from amid.paths import same_path, same_setting
 from amid.stop import Interrupted, StopRequest, signal_name
 from amid.teacher import architecture, resolve_device, resolve_dtype, tokenizer_identity
@@ -561,7 +562,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: RunLock) -> dict[str, Any] | None:
+def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: DirLock) -> dict[str, Any] | None:
     """Check the run directory; returns the trainer state to resume from, or None for a fresh run.
     Writes nothing but, in an existing directory, its lock file and (once it holds the lock) the
     recovery of an interrupted checkpoint rename and the removal of a killed run's JSON
@@ -696,7 +697,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
     """
     device = _train_device(cfg)
     ranks = start_ranks(device)
-    lock = RunLock(Path(cfg.out), enabled=ranks.main)
+    lock = run_lock(Path(cfg.out), enabled=ranks.main)
     try:
         return _train(cfg, device, ranks, log if ranks.main else _silent, lock)
     finally:
@@ -704,39 +705,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any
         ranks.close()
 
 
-class RunLock:
-    """An exclusive lock on RUN_DIR/.lock, held by rank 0 while it trains: a second `amid train`
-    in the same directory (a --resume started while the run still goes) is refused before it
-    writes anything, instead of writing checkpoints beside it. The kernel drops the lock when the
-    process ends, kill -9 included, so a killed run leaves none behind. A directory that does not
-    exist yet is locked once it is made; a file system without locks is left unlocked."""
-
-    def __init__(self, out: Path, enabled: bool = True):
-        self.out, self.enabled, self._fh = out, enabled, None
-
-    def take(self) -> None:
-        if not self.enabled or self._fh is not None or not self.out.is_dir():
-            return
-        try:
-            import fcntl
-        except ImportError:  # not a POSIX system
-            return
-        fh = open(self.out / LOCK_FILE, "a")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise TrainError(f"{self.out}: another amid train is running in this directory; wait for it to end (or "
-                             f"stop it) before resuming, or choose another --out") from None
-        except OSError:  # no locks here (some network file systems)
-            fh.close()
-            return
-        self._fh = fh
-
-    def release(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+def run_lock(out: Path, enabled: bool = True) -> DirLock:
+    """The lock rank 0 holds on RUN_DIR/.lock while it trains (amid.lock); a directory that does
+    not exist yet is locked once it is made."""
+    return DirLock(out, LOCK_FILE, enabled=enabled, busy=lambda: TrainError(
+        f"{out}: another amid train is running in this directory; wait for it to end (or stop it) before "
+        f"resuming, or choose another --out"))
 
 
 def _silent(_message: str) -> None:
@@ -756,10 +730,10 @@ def _train_device(cfg: TrainConfig) -> torch.device:
 
 
 def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[str], None],
-           lock: RunLock | None = None) -> dict[str, Any]:
+           lock: DirLock | None = None) -> dict[str, Any]:
     start_time = time.time()
     out = Path(cfg.out)
-    lock = lock or RunLock(out, enabled=False)
+    lock = lock or run_lock(out, enabled=False)
     existed = out.is_dir()  # what _prepare_run_dir checks (and locks, if it exists)
     resume_state = _prepare_run_dir(cfg, log, ranks, lock)
     views = ranks.gather(None if resume_state is None else (resume_state["step"], resume_state["position"]))

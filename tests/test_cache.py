@@ -967,3 +967,20 @@ def test_a_shard_that_cannot_be_written_is_named_and_leaves_no_temporary(teacher
     monkeypatch.setattr(cache_mod.os, "fsync", real)
     run_cache(out=str(out), **kw)  # the rerun continues from the two shards written
     open_cache(out)
+
+
+def test_the_same_cache_teacher_twice_at_once_is_refused_before_it_writes(teachers, data_files, tmp_path):
+    import fcntl
+
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), examples_per_shard=2, batch_size=2)
+    out = tmp_path / "out"
+    (out / "topk").mkdir(parents=True)
+    running = out / "topk" / ".shard-000000.parquet.tmp-4242"
+    running.write_bytes(b"the running one's shard, half written")
+    with open(out / ".lock-rank0", "a") as held:  # what the running cache-teacher holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CacheError, match="another amid cache-teacher is writing this cache; wait for it"):
+            run_cache(out=str(out), **kw)
+        assert running.exists()  # not taken for a killed writer's and removed
+    run_cache(out=str(out), **kw)  # once it has ended
+    open_cache(out, verify=True)
