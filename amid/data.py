@@ -326,10 +326,7 @@ def resolve_template(records: list[dict[str, Any]], cfg: TemplateConfig, source:
     if cfg.response_field == "response" and "response" not in fields and "output" in fields:
         # Dolly/Alpaca-style files with `output` (e.g. the dev/test splits): same meaning.
         cfg = dataclasses.replace(cfg, response_field="output")
-    present = {k for k, v in records[0].items() if v is not None}  # a table's absent values are None
-    template = cfg.template if cfg.template != "auto" else _auto_template(present, cfg)
-    if cfg.template == "auto" and template is not None:
-        _refuse_mixed_fields(records, template, cfg, source)
+    template = cfg.template if cfg.template != "auto" else _pick_auto_template(records, cfg, source, fields)
     if template is None:
         raise DataError(
             f"{source}: fields {sorted(fields)} match no template; expected '{cfg.text_field}' "
@@ -365,18 +362,25 @@ def _auto_template(fields: set[str] | dict[str, Any], cfg: TemplateConfig) -> st
     return None
 
 
-def _refuse_mixed_fields(records: list[dict[str, Any]], template: str, cfg: TemplateConfig, source: str) -> None:
-    """A file whose records hold the fields of different templates (a `text` record among
-    prompt/response ones: a table's columns are their union, absent values None) would have
-    all but one kind skipped as empty under the template `auto` picks: refuse, naming both."""
+def _pick_auto_template(records: list[dict[str, Any]], cfg: TemplateConfig, source: str,
+                         fields: set[str]) -> str | None:
+    """The template `--template auto` picks: that of the first record whose set values match one
+    (a table's absent values are None; a record with an empty response matches none), else that of
+    the first record's fields. A file whose records hold the fields of different templates (a
+    `text` record among prompt/response ones) would have all but one kind skipped as empty: refused,
+    naming one record of each."""
+    first = None
     for index, record in enumerate(records):
         own = _auto_template({k for k, v in record.items() if v is not None}, cfg)
-        if own is not None and own != template:
-            first = next(i for i, r in enumerate(records)
-                         if _auto_template({k for k, v in r.items() if v is not None}, cfg) == template)
+        if own is None:
+            continue
+        if first is None:
+            first = (index, own)
+        elif own != first[1]:
             raise DataError(f"{where(records, index, source)}: this record has the fields of template {own!r}, "
-                            f"{where(records, first, source)} those of {template!r}; keep one kind of record per "
-                            f"file, or pass --template to choose (records without its fields are then skipped)")
+                            f"{where(records, first[0], source)} those of {first[1]!r}; keep one kind of record "
+                            f"per file, or pass --template to choose (records without its fields are then skipped)")
+    return first[1] if first is not None else _auto_template(fields, cfg)
 
 
 def dolly_prompt(record: dict[str, Any]) -> str:

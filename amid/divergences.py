@@ -8,7 +8,9 @@ for the tail bin of the α-β divergence, which is homogeneous of degree a + b r
 (SPEC §4).
 
 Zero-probability conventions: a bin where both arguments are zero contributes exactly 0 (with
-zero gradient). Genuine infinities (KL(a‖b) with b = 0 < a) return +inf, never NaN.
+zero gradient). Genuine infinities (KL(a‖b) with b = 0 < a) return +inf, never NaN; the one
+exception is the α-β divergence at a limit parameter (a = 0, b = 0 or a + b = 0) on a bin where
+exactly one argument is 0, whose limit forms meet 0·inf there (see `alpha_beta`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def alpha_beta(
     every limit (ABKD's (0.2, 0.7)) keep the textbook formula over a full vocabulary: its error
     there is at most ~eps/(ab) of the terms' size, which is all of a term where x ≈ y (the value
     near convergence; the gradient keeps ~eps/(b·|log x − log y|) relative accuracy). Bins where
-    exactly one of x, y is 0 always take the textbook formula (or its limit), exact there.
+    exactly one of x, y is 0 always take the textbook formula (or its limit), as before this form
+    existed; at a limit parameter some of those bins give NaN (0·inf in the limit forms).
     """
     a_zero, b_zero = torch.isneginf(log_a), torch.isneginf(log_b)
     both_zero = a_zero & b_zero

@@ -42,8 +42,7 @@ def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: what transformers raises varies by what is missing
-        raise ModelError(f"{what} {name}: no usable tokenizer ({_first_line(exc)}); a model directory needs its "
-                         f"tokenizer files, as tokenizer.save_pretrained writes them") from None
+        raise ModelError(f"{what} {name}: its tokenizer cannot be loaded ({_first_line(exc)})") from None
 
 
 def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
@@ -56,8 +55,7 @@ def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
         model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True, **kwargs)
     except Exception as exc:  # safetensors, config and hub errors vary by the damage
-        raise ModelError(f"{what} {name}: cannot be loaded as a causal language model ({_first_line(exc)}); "
-                         f"check its config.json and weight files (a copy or download cut short?)") from None
+        raise ModelError(f"{what} {name}: cannot be loaded as a causal language model ({_first_line(exc)})") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ModelError(f"{what} {name}: its weights lack {', '.join(missing[:3])}"

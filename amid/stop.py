@@ -65,7 +65,8 @@ class StopRequest:
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread() and not self._previous:
             for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:  # ignored by whoever started us (`cmd &`): stays so
+                    self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def restore(self) -> None:

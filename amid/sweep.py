@@ -331,8 +331,9 @@ def failed_runs(cfg: SweepConfig) -> list[str]:
 
 def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log, slots=None) -> None:
     """Run `pending`, one child process per free device slot (`device_slots`). On SIGINT/SIGTERM no
-    run starts, the running ones get the signal (they stop after their step with a checkpoint; a
-    terminal's Ctrl-C reaches them anyway) and, once they have, `Interrupted` says how to continue."""
+    run starts, the running ones get the signal from the sweep (they stop after their step with a
+    checkpoint) and, once they have, `Interrupted` says how to continue. Each child runs in its own
+    session, so that a terminal's Ctrl-C reaches it once, from here, not also directly."""
     slots = slots or device_slots(cfg.devices)
     devices = [slot[0] for slot in slots]
     slot_of = {slot[0]: slot for slot in slots}
@@ -357,7 +358,8 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log, slots=None) -
                 args = [sys.executable, "-m", "amid.sweep", "--run", str(d)]
                 with open(d / "log.txt", "w") as log_file:  # the child keeps its own descriptor
                     proc = subprocess.Popen([*args, "--device", train_device] if train_device else args,
-                                            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **changes})
+                                            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **changes},
+                                            start_new_session=True)
                 active.append((proc, run, device, time.time()))
             time.sleep(0.2)
             for item in list(active):

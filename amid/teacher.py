@@ -192,11 +192,25 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     """Run stage one. Returns the manifest (dict) once the cache is complete.
 
     Raises DataError for bad data and CacheError for an output directory that holds another
-    cache; in both cases nothing is written.
+    cache, or one that another cache-teacher is writing (a lock per rank, amid.lock); in both
+    cases nothing is written.
     """
+    rank, _, world = world_from_env()
+    out = Path(cfg.out)
+    lock = DirLock(out, f".lock-rank{rank}", busy=lambda: CacheError(
+        f"{out}: another amid cache-teacher is writing this cache{f' as rank {rank}' if world > 1 else ''}; "
+        f"wait for it to end (or stop it), then rerun to finish what it left"))
+    try:
+        if any(out.glob("progress-rank*.json")):  # a cache being written: before the teacher loads (next to
+            lock.take()                           # a running job it could run out of memory first)
+        return _cache_teacher(cfg, progress, log, lock, rank, world)
+    finally:
+        lock.release()
+
+
+def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, world: int) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.out)
-    rank, _, world = world_from_env()
     tokenizer = load_tokenizer(cfg.teacher, "--teacher", cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)
@@ -262,11 +276,9 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
     if old is None and foreign:
         raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
-    # Before the temporaries below are removed: with the same command still running they are its own.
-    lock = DirLock(out, f".lock-rank{rank}", busy=lambda: CacheError(
-        f"{out}: another amid cache-teacher is writing this cache{f' as rank {rank}' if world > 1 else ''}; "
-        f"wait for it to end (or stop it), then rerun to finish what it left"))
-    lock.take()  # held while `lock` lives: until this function returns or raises
+    # A new directory is locked once made; before the temporaries below are removed, which with the
+    # same command still running would be its own.
+    lock.take()
     for stale, task in temporary_files(out):  # left by a killed writer; never visible as a shard
         # Only this rank's tasks: another rank may be writing one of its shards right now.
         if task is None or task % world == rank:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -522,9 +523,11 @@ def save_model_dir(path: Path, model, tokenizer, state: dict[str, Any] | None = 
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as exc:  # a full disk: torch.save's says "unexpected pos ..."
         shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        full = getattr(exc, "errno", None) == errno.ENOSPC or "unexpected pos" in reason
         kept = f"the previous {path.name} is kept; " if path.exists() else ""
-        raise TrainError(f"{path}: writing it failed ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-                         f"is the disk full?); {kept}free space and continue with the same command and --resume") from None
+        raise TrainError(f"{path}: writing it failed ({reason}{'; is the disk full?' if full else ''}); {kept}"
+                         f"{'free space and ' if full else ''}continue with the same command and --resume") from None
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
@@ -999,7 +1002,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
                 bar.set_postfix(loss=f"{smooth:.4f}", tok_s=f"{interval_tokens / elapsed:,.0f}", refresh=False)
                 interval_tokens, interval_start = 0, time.time()
             bar.update(1)
-            if step % cfg.eval_every == 0 and step < total_steps:
+            if step % cfg.eval_every == 0 and step < total_steps and not stopping:  # the checkpoint comes first
                 last_eval, last_eval_step = run_eval(), step
             if (step % cfg.save_every == 0 or stopping) and step < total_steps and last_saved != step:
                 save_checkpoint()

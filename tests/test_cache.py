@@ -982,5 +982,8 @@ def test_the_same_cache_teacher_twice_at_once_is_refused_before_it_writes(teache
         with pytest.raises(CacheError, match="another amid cache-teacher is writing this cache; wait for it"):
             run_cache(out=str(out), **kw)
         assert running.exists()  # not taken for a killed writer's and removed
-    run_cache(out=str(out), **kw)  # once it has ended
+    with pytest.raises(DataError) as failed:  # a run that fails holding the lock ...
+        run_cache(out=str(out), **{**kw, "data": str(tmp_path / "missing.jsonl")})
+    run_cache(out=str(out), **kw)  # ... has let it go, even while its exception is alive
+    assert failed.value is not None
     open_cache(out, verify=True)

@@ -654,3 +654,11 @@ def test_an_unreadable_parquet_or_csv_file_is_one_line_without_the_librarys_own(
     with pytest.raises(DataError, match=r"bad.parquet: could not be read as parquet"):
         load_records(str(bad))
     assert "Failed to read" not in capfd.readouterr().err  # datasets' logger stayed quiet
+
+
+def test_auto_picks_the_template_of_the_first_record_with_its_fields_set(tok, tmp_path):
+    # A first record whose response is empty (a table's None) matches no template alone.
+    rows = [{"prompt": "Q0", "response": None}] + [{"prompt": f"Q{i}", "response": f"A{i}"} for i in range(1, 4)]
+    f = write_jsonl(tmp_path / "first_empty.jsonl", rows)
+    examples, stats, template = build_examples(load_records(str(f)), tok, TemplateConfig(), str(f))
+    assert template == "plain" and stats.examples == 3 and stats.skipped_empty == 1

@@ -90,3 +90,13 @@ def test_the_cli_reports_an_interruption_in_one_line_with_the_signals_exit_statu
     monkeypatch.setattr(amid.teacher, "cache_teacher", saved)
     res = CliRunner().invoke(main, ["cache-teacher", "--teacher", "t", "--data", "d", "--out", str(tmp_path / "c")])
     assert res.exit_code == 143 and res.output.strip().splitlines()[-1] == "Stopped: SIGTERM at step 5 of 8: checkpoint saved"
+
+
+def test_a_signal_ignored_by_whoever_started_the_job_stays_ignored():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts `amid train ... &`
+    with StopRequest() as stop:
+        _send(signal.SIGINT)  # the terminal's Ctrl-C meant for the script
+        assert not stop.requested
+        _send(signal.SIGTERM)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

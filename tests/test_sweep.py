@@ -135,7 +135,8 @@ def test_sweep_cli_takes_train_flags_as_keys_and_refuses_before_writing(world, t
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_with_checkpoints_and_a_rerun_finishes_it(world, tmp_path):  # noqa: F811
-    # As a terminal delivers Ctrl-C: to the sweep and its running child at once (one process group).
+    # As a terminal delivers Ctrl-C: to the sweep's process group (its runs have their own sessions
+    # and get it from the sweep, once).
     import os
     import signal
     import subprocess
