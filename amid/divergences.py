@@ -8,9 +8,7 @@ for the tail bin of the α-β divergence, which is homogeneous of degree a + b r
 (SPEC §4).
 
 Zero-probability conventions: a bin where both arguments are zero contributes exactly 0 (with
-zero gradient). Genuine infinities (KL(a‖b) with b = 0 < a) return +inf, never NaN; the one
-exception is the α-β divergence at a limit parameter (a = 0, b = 0 or a + b = 0) on a bin where
-exactly one argument is 0, whose limit forms meet 0·inf there (see `alpha_beta`).
+zero gradient). Genuine infinities (KL(a‖b) with b = 0 < a) return +inf, never NaN.
 """
 
 from __future__ import annotations
@@ -65,26 +63,30 @@ def alpha_beta(
     every limit (ABKD's (0.2, 0.7)) keep the textbook formula over a full vocabulary: its error
     there is at most ~eps/(ab) of the terms' size, which is all of a term where x ≈ y (the value
     near convergence; the gradient keeps ~eps/(b·|log x − log y|) relative accuracy). Bins where
-    exactly one of x, y is 0 always take the textbook formula (or its limit), as before this form
-    existed; at a limit parameter some of those bins give NaN (0·inf in the limit forms).
+    exactly one of x, y is 0 take the formula's limit there (finite or +inf, never NaN).
     """
     a_zero, b_zero = torch.isneginf(log_a), torch.isneginf(log_b)
     both_zero = a_zero & b_zero
     if not exact and min(abs(a), abs(b), abs(a + b)) >= AB_TEXTBOOK_FROM:
         lx = torch.where(both_zero, torch.zeros_like(log_a), log_a)
         ly = torch.where(both_zero, torch.zeros_like(log_b), log_b)
-        terms = torch.where(both_zero, torch.zeros_like(lx), _alpha_beta_closed(lx, ly, a, b))
+        terms = torch.where(both_zero, torch.zeros_like(lx), _alpha_beta_textbook(lx, ly, a, b))
         return _weighted_sum(terms, weight)
-    one_zero = a_zero ^ b_zero
+    x_zero, y_zero = a_zero & ~b_zero, b_zero & ~a_zero
     regular = ~(a_zero | b_zero)
     # Each branch sees only the bins it serves (zeros elsewhere), so neither's gradient can be NaN.
     lx = torch.where(regular, log_a, torch.zeros_like(log_a))
     ly = torch.where(regular, log_b, torch.zeros_like(log_b))
     s = a + b
     terms = (lx - ly) ** 2 * _exp_second_difference(s * lx, a * lx + b * ly, s * ly)
-    zx = torch.where(one_zero, log_a, torch.zeros_like(log_a))  # no data-dependent branch: it would
-    zy = torch.where(one_zero, log_b, torch.zeros_like(log_b))  # sync the GPU and break a compiled graph
-    terms = torch.where(one_zero, _alpha_beta_closed(zx, zy, a, b), terms)
+    # Exactly one of x, y is 0: the formula's limit there, for every (a, b): x → 0 leaves
+    # y^(a+b)/(a(a+b)) where a and a + b are positive and +inf otherwise; y → 0 likewise.
+    inf = torch.full_like(terms, math.inf)
+    y_of = torch.where(x_zero, log_b, torch.zeros_like(log_b))
+    x_of = torch.where(y_zero, log_a, torch.zeros_like(log_a))
+    at_x0 = torch.exp(s * y_of) / (a * s) if a > 0 and s > 0 else inf
+    at_y0 = torch.exp(s * x_of) / (b * s) if b > 0 and s > 0 else inf
+    terms = torch.where(x_zero, at_x0, torch.where(y_zero, at_y0, terms))
     return _weighted_sum(terms, weight)
 
 
@@ -93,20 +95,10 @@ def alpha_beta(
 AB_TEXTBOOK_FROM = 0.1
 
 
-def _alpha_beta_closed(lx: Tensor, ly: Tensor, a: float, b: float) -> Tensor:
-    """The α-β term by its textbook formula (or limit): exact where x or y is 0, cancelling elsewhere."""
+def _alpha_beta_textbook(lx: Tensor, ly: Tensor, a: float, b: float) -> Tensor:
+    """The α-β term by its textbook formula, a, b and a + b nonzero (it cancels near a limit)."""
     s = a + b
-    if a != 0 and b != 0 and s != 0:
-        return -(torch.exp(a * lx + b * ly) - (a / s) * torch.exp(s * lx) - (b / s) * torch.exp(s * ly)) / (a * b)
-    if a != 0 and b == 0:
-        xa = torch.exp(a * lx)
-        return (xa * a * (lx - ly) - xa + torch.exp(a * ly)) / (a * a)
-    if a == 0 and b != 0:
-        yb = torch.exp(b * ly)
-        return (yb * b * (ly - lx) - yb + torch.exp(b * lx)) / (b * b)
-    if a != 0:  # a + b == 0
-        return (a * (ly - lx) + torch.exp(a * (lx - ly)) - 1.0) / (a * a)
-    return 0.5 * (lx - ly) ** 2  # a == b == 0
+    return -(torch.exp(a * lx + b * ly) - (a / s) * torch.exp(s * lx) - (b / s) * torch.exp(s * ly)) / (a * b)
 
 
 def _exp_second_difference(z0: Tensor, z1: Tensor, z2: Tensor) -> Tensor:

@@ -516,6 +516,31 @@ def test_ab_near_its_limits_keeps_full_accuracy(ab):
     assert torch.autograd.gradcheck(lambda x: full_loss(x, zt, kw), (z,))
 
 
+@pytest.mark.parametrize("ab", [(1.0, 0.0), (0.0, 1.0), (0.5, -0.5), (0.0, 0.0), (1.3, 0.0), (0.0, 0.8),
+                                (1e-9, 0.7), (0.2, 0.7), (-0.3, 1.2)])
+def test_ab_on_a_bin_where_one_side_is_zero_is_the_limit_never_nan(ab):
+    """x = 0 < y (or y = 0 < x) in one bin: the value is the limit of the term as x → 0 (finite
+    where a and a + b are positive, else +inf), at limit parameters too (0·inf gave NaN)."""
+    from amid.divergences import alpha_beta
+
+    a, b = ab
+    other = torch.tensor([[math.log(0.3)]], dtype=F64, requires_grad=True)
+    zero = torch.tensor([[NINF]], dtype=F64)
+    for x_is_zero, finite in ((True, a > 0 and a + b > 0), (False, b > 0 and a + b > 0)):
+        pair = (zero, other) if x_is_zero else (other, zero)
+        value = alpha_beta(*pair, a, b, exact=True)
+        if finite:
+            # Near 0 means x^a ≈ 0 as well as x^(a+b): log x = −60 / the smaller exponent.
+            own = a if x_is_zero else b
+            tiny = torch.tensor([[-60.0 / min(own, a + b)]], dtype=F64)
+            near = alpha_beta(*((tiny, other) if x_is_zero else (other, tiny)), a, b, exact=True)
+            torch.testing.assert_close(value, near, rtol=1e-9, atol=0)
+            (grad,) = torch.autograd.grad(value.sum(), other)
+            assert torch.isfinite(grad).all(), (ab, x_is_zero, grad)
+        else:
+            assert value.item() == INF, (ab, x_is_zero, value)
+
+
 @pytest.mark.parametrize("ab,exact", [((0.05, 0.7), False), ((0.2, 0.7), True)])
 def test_ab_of_nearly_equal_distributions_keeps_its_relative_accuracy_in_float32(ab, exact):
     """Near convergence (q ≈ p) each α-β term is ~(log x − log y)²/2 · x^(a+b), far below the
