@@ -208,6 +208,21 @@ def cache_teacher(cfg: CacheConfig, progress: bool = True, log=print) -> dict[st
         lock.release()
 
 
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process that names a temporary shard file (`.NAME.tmp-PID`) runs on this host
+    (another host's PID may match a local one: its stale file then stays, which costs nothing)."""
+    pid = temporary.name.rsplit(".tmp-", 1)[-1]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, world: int) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.out)
@@ -280,8 +295,9 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     # same command still running would be its own.
     lock.take()
     for stale, task in temporary_files(out):  # left by a killed writer; never visible as a shard
-        # Only this rank's tasks: another rank may be writing one of its shards right now.
-        if task is None or task % world == rank:
+        # Only this rank's tasks: another rank may be writing one of its shards right now; and not
+        # a live process's (a job of another world size on this --out, which the lock cannot see).
+        if (task is None or task % world == rank) and not _writer_alive(stale):
             stale.unlink(missing_ok=True)
     for stale in out.glob(f".{progress_name(rank)}.tmp-*"):  # this rank's progress file, killed mid-write
         stale.unlink(missing_ok=True)

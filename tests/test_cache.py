@@ -386,7 +386,7 @@ def test_resume_after_simulated_crash_in_process(teachers, data_files, tmp_path,
                     real_close(self)
                     (self.directory / "examples" / f"shard-{self.task:06d}.parquet").unlink()
                 else:  # mid-write: a temporary file with partial content, no rename
-                    tmp = self.directory / "topk" / f".shard-{self.task:06d}.parquet.tmp-999999"
+                    tmp = self.directory / "topk" / f".shard-{self.task:06d}.parquet.tmp-{_dead_pid()}"
                     tmp.parent.mkdir(parents=True, exist_ok=True)
                     tmp.write_bytes(b"PAR1 partial")
                 raise Killed()
@@ -409,6 +409,13 @@ def test_resume_after_simulated_crash_in_process(teachers, data_files, tmp_path,
     before = (out / "manifest.json").read_bytes()
     run_cache(out=str(out), **kw)
     assert (out / "manifest.json").read_bytes() == before
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has ended (a killed writer's, as its temporaries name it)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def _cli_cache_cmd(teacher: Path, data: Path, out: Path) -> list[str]:
@@ -460,7 +467,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(teachers, tmp_path):
         log.close()
     assert killed_mid_run >= 3, "the kills should land while the run is in progress"
     # A stale temporary shard from a killed writer must not survive or be read.
-    stale = out / "examples" / ".shard-000003.parquet.tmp-424242"
+    stale = out / "examples" / f".shard-000003.parquet.tmp-{_dead_pid()}"
     stale.write_bytes(b"garbage")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -987,3 +994,17 @@ def test_the_same_cache_teacher_twice_at_once_is_refused_before_it_writes(teache
     run_cache(out=str(out), **kw)  # ... has let it go, even while its exception is alive
     assert failed.value is not None
     open_cache(out, verify=True)
+
+
+def test_a_temporary_of_a_live_writer_is_left_alone(teachers, data_files, tmp_path):
+    # A job of another world size on the same --out holds another rank's lock: its temporaries
+    # are told apart from a killed writer's by their PID.
+    kw = dict(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), examples_per_shard=2, batch_size=2)
+    out = tmp_path / "out"
+    (out / "topk").mkdir(parents=True)
+    live = out / "topk" / f".shard-000000.parquet.tmp-{os.getppid()}"  # a process that runs
+    dead = out / "topk" / f".shard-000001.parquet.tmp-{_dead_pid()}"
+    live.write_bytes(b"being written")
+    dead.write_bytes(b"left by a killed writer")
+    run_cache(out=str(out), **kw)
+    assert live.exists() and not dead.exists()
