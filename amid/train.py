@@ -69,6 +69,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final")  # what makes a directory a run's
+# What may already sit in a fresh run's directory: what a sweep writes before its run starts.
+RUN_NEIGHBOURS = frozenset({"summary.json", "sweep_run.json", "log.txt", "result.json", "eval.json"})
 FUSED_MIN_VOCAB = 16384
 # Evaluation takes the logits LOGIT_CHUNK_ELEMENTS at a time where the model's head can be applied
 # alone (`Head.plain`): a held-out batch then costs no more memory than a fused training step.
@@ -575,6 +577,11 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: DirLock) -> dict
     if _foreign_dir(out):
         raise TrainError(f"{out}: holds a model or a cache, not an amid run (its config.json or manifest.json "
                          f"would be overwritten); choose an empty or new --out")
+    if not cfg.resume and out.is_dir() and not any((out / name).exists() for name in RUN_FILES):
+        others = sorted(f.name for f in out.iterdir() if not f.name.startswith(".") and f.name not in RUN_NEIGHBOURS)
+        if others:
+            raise TrainError(f"{out}: holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}), "
+                             f"which a run's would sit among; choose an empty or new --out")
     lock.take()  # before the first write below: another run may be writing this directory
     if ranks.main:
         _recover_checkpoint(ckpt)

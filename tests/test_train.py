@@ -1057,3 +1057,16 @@ def test_a_run_whose_config_json_is_damaged_resumes_from_its_checkpoint(world, t
     (model_dir / "config.json").write_text("not json")  # no run files: still not taken for a run
     with pytest.raises(TrainError, match="not an amid run"):
         train(config(world, model_dir, max_steps=1), log=quiet)
+
+
+def test_a_fresh_run_in_a_directory_of_other_files_is_refused_writing_nothing(world, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("{}\n")
+    with pytest.raises(TrainError, match=r"data: holds other files \(train.jsonl\).*choose an empty or new --out"):
+        train(config(world, data, max_steps=1), log=quiet)
+    assert sorted(f.name for f in data.iterdir()) == ["train.jsonl"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".DS_Store").write_text("")  # hidden files are no one's run
+    assert train(config(world, empty, max_steps=1), log=quiet)["steps"] == 1
