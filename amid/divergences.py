@@ -81,11 +81,10 @@ def alpha_beta(
     terms = (lx - ly) ** 2 * _exp_second_difference(s * lx, a * lx + b * ly, s * ly)
     # Exactly one of x, y is 0: the formula's limit there, for every (a, b): x → 0 leaves
     # y^(a+b)/(a(a+b)) where a and a + b are positive and +inf otherwise; y → 0 likewise.
-    inf = torch.full_like(terms, math.inf)
     y_of = torch.where(x_zero, log_b, torch.zeros_like(log_b))
     x_of = torch.where(y_zero, log_a, torch.zeros_like(log_a))
-    at_x0 = torch.exp(s * y_of) / (a * s) if a > 0 and s > 0 else inf
-    at_y0 = torch.exp(s * x_of) / (b * s) if b > 0 and s > 0 else inf
+    at_x0 = torch.exp(s * y_of) / (a * s) if a > 0 and s > 0 else math.inf
+    at_y0 = torch.exp(s * x_of) / (b * s) if b > 0 and s > 0 else math.inf
     terms = torch.where(x_zero, at_x0, torch.where(y_zero, at_y0, terms))
     return _weighted_sum(terms, weight)
 

@@ -248,10 +248,10 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
 # Student and compatibility
 
 
-def _load_student(path: str, trust_remote_code: bool, what: str = "--student"):
-    tokenizer = load_tokenizer(path, what, trust_remote_code)
+def _load_student(path: str, trust_remote_code: bool):
+    tokenizer = load_tokenizer(path, "--student", trust_remote_code)
     # Master weights in float32; bf16/fp16 is autocast's business.
-    model = load_model(path, what, trust_remote_code, dtype=torch.float32)
+    model = load_model(path, "--student", trust_remote_code, dtype=torch.float32)
     return model, tokenizer
 
 
