@@ -5,9 +5,16 @@ the complement of the top-k S, exact even when S holds almost all the mass) and,
 divergence, log γ = log Σ_{x∉S} (q(x)/q_tail)^s. It is a custom autograd function: the forward
 reads the logits chunk by chunk; the backward writes dL/dlogits in place from the bins'
 gradients in a factored form (`BinGrads`): for j ∈ S a per-entry value, for j ∉ S
-coef · exp(z_j − lse_tail) [+ gs · exp(s·z_j − lse_s_tail)]. No autograd graph over [N, V]
-intermediates, no [N, V] float32 copy of bf16/fp16 logits. On CUDA both passes run as
+coef · exp(z_j − m − lse_tail) [+ gs · exp(s·(z_j − m) − lse_s_tail)]. No autograd graph over
+[N, V] intermediates, no [N, V] float32 copy of bf16/fp16 logits. On CUDA both passes run as
 torch.compile'd kernels from `amid.fused`, which also uses the pieces here for its LM-head path.
+
+Every row statistic is kept relative to a shift m, the row's largest tail logit (`RowStats`):
+log-sum-exps of z − m are O(log V) whatever the logits' common offset, so log q(S), log q_tail and
+the gradient keep float32's relative accuracy as `log_softmax` does (an absolute logsumexp near
+z ≈ 1e4 has an ulp of 1e-3, and every bin and every tail gradient inherited it). log q_tail is
+−softplus(lse(S) − lse_tail), accurate to its last bits when the student's tail holds nearly all
+the mass (a difference of two O(log V) numbers kept only their ulp there).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "student_bins",
+    "RowStats",
     "BinGrads",
     "bin_grads",
     "compute_dtype",
@@ -61,16 +69,38 @@ def scaled(z: Tensor, s: float) -> Tensor:
     return torch.where(torch.isneginf(z), z, z * s)
 
 
+class RowStats(NamedTuple):
+    """The student side of one batch of rows, from their logits z [N, V] (compute dtype):
+
+        shift       m = max_{j∉S} z_j (max_{j∈S} z_j for a row without a tail, 0 if none)
+        lse_tail    log Σ_{j∉S} exp(z_j − m)          (−inf: no tail)
+        lse_s_tail  log Σ_{j∉S} exp(s·(z_j − m))      (0 without s)
+        log_q_s, log_q_tail, log_gamma: the bins `student_bins` returns.
+    """
+
+    log_q_s: Tensor  # [N, k]
+    shift: Tensor  # [N]
+    lse_tail: Tensor  # [N]
+    lse_s_tail: Tensor  # [N]
+    log_q_tail: Tensor  # [N]
+    log_gamma: Tensor  # [N]
+
+    def bins(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.log_q_s, self.log_q_tail, self.log_gamma
+
+
 class BinGrads(NamedTuple):
     """dL/dz of the student bins, in factored form (one row per position):
 
-        dL/dz_j = g_top[j]                                     j ∈ S
-                = coef · exp(z_j − lse_tail) + gs · exp(s·z_j − lse_s_tail)      j ∉ S
+        dL/dz_j = g_top[j]                                                     j ∈ S
+                = coef · exp(z_j − m − lse_tail) + gs · exp(s·(z_j − m) − lse_s_tail)   j ∉ S
 
-    lse_tail / lse_s_tail are 0 where the row has no tail (coef and gs are 0 there)."""
+    with m = `shift` and the sums relative to it (`RowStats`); shift, lse_tail and lse_s_tail
+    are 0 where the row has no tail (coef and gs are 0 there)."""
 
     g_top: Tensor  # [N, k]
     coef: Tensor  # [N]
+    shift: Tensor  # [N]
     lse_tail: Tensor  # [N]
     gs: Tensor | None  # [N], only with the α-β tail weight
     lse_s_tail: Tensor | None  # [N]
@@ -83,6 +113,7 @@ class BinGrads(NamedTuple):
         return BinGrads(
             self.g_top * w[:, None],
             self.coef * w,
+            self.shift,
             self.lse_tail,
             None if self.gs is None else self.gs * w,
             self.lse_s_tail,
@@ -93,31 +124,38 @@ def bin_grads(
     g_s: Tensor,
     g_tail: Tensor,
     g_gamma: Tensor,
+    shift: Tensor,
     lse_tail: Tensor,
     lse_s_tail: Tensor,
     log_q_s: Tensor,
     log_q_tail: Tensor,
     s: float | None,
 ) -> BinGrads:
-    """Chain rule from the bins' gradients (g_s, g_tail, g_gamma) to the logits, factored."""
+    """Chain rule from the bins' gradients (g_s, g_tail, g_gamma) to the logits, factored
+    (shift, lse_tail, lse_s_tail as in `RowStats`)."""
     dtype = log_q_s.dtype
     g_s = g_s.to(dtype)
     g_tail = g_tail.to(dtype)
     # dL/dz_j = g_S[j] − q_j·G              for j ∈ S
-    #         = π_j · (g_tail − G·q_tail)     for j ∉ S, π_j = q_j / q_tail = exp(z_j − lse_tail) ≤ 1
+    #         = π_j · (g_tail − G·q_tail)     for j ∉ S, π_j = q_j / q_tail = exp(z_j − m − lse_tail) ≤ 1
     #           + g_γ·s·(π^(s)_j − π_j)       (α-β tail weight), π^(s) = softmax over the tail of s·z
-    big_g = g_s.sum(dim=1) + g_tail
+    # with G = Σ g_S + g_tail. The tail coefficient is formed as g_tail·q(S) − q_tail·Σ g_S: where
+    # the student's tail holds nearly all its mass (q_tail → 1, early in training), g_tail − G·q_tail
+    # cancels two O(g_tail) numbers and kept only ulp(g_tail) / (1 − q_tail) of relative accuracy.
+    sum_g_s = g_s.sum(dim=1)
+    big_g = sum_g_s + g_tail
     has_tail = torch.isfinite(lse_tail)
     zero = torch.zeros_like(lse_tail)
+    q_s = log_q_s.exp()
     q_tail = torch.where(has_tail, log_q_tail.exp(), zero)
-    coef = torch.where(has_tail, g_tail - big_g * q_tail, zero)
-    g_top = g_s - log_q_s.exp() * big_g[:, None]
+    coef = torch.where(has_tail, g_tail * q_s.sum(dim=1) - q_tail * sum_g_s, zero)
+    g_top = g_s - q_s * big_g[:, None]
     gs = lse_s = None
     if s is not None:
         gs = torch.where(has_tail, g_gamma.to(dtype) * s, zero)
         coef = coef - gs
         lse_s = torch.where(has_tail, lse_s_tail, zero)
-    return BinGrads(g_top, coef, torch.where(has_tail, lse_tail, zero), gs, lse_s)
+    return BinGrads(g_top, coef, torch.where(has_tail, shift, zero), torch.where(has_tail, lse_tail, zero), gs, lse_s)
 
 
 LOG2E = 1.4426950408889634  # 1 / ln 2
@@ -130,42 +168,52 @@ def _exp_(t: Tensor) -> Tensor:
     return t.mul_(LOG2E).exp2_() if t.device.type == "cpu" else t.exp_()
 
 
-def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def row_shift(tail_max: Tensor, z_s: Tensor) -> Tensor:
+    """`RowStats.shift` from the rows' largest tail logit [R] and top-k logits [R, k]."""
+    if z_s.shape[1]:
+        tail_max = torch.where(torch.isfinite(tail_max), tail_max, z_s.amax(dim=1))
+    return torch.where(torch.isfinite(tail_max), tail_max, torch.zeros_like(tail_max))
+
+
+def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None) -> tuple[Tensor, ...]:
     """Row statistics of one chunk of logits z [R, V] (compute dtype; owned: overwritten).
 
-    Returns (z_S [R, k], lse_tail [R], lse_s_tail [R] (zeros without s)): the top-k logits and
-    the logsumexp of z (of s·z) over the complement of the top-k, exact however small the tail.
-    For s None or s > 0 every pass works in place on z (and on `work`, scratch of z's shape for
-    the s·z sum), so a chunk that fits in cache costs about one read of it; s ≤ 0 (rare) takes
-    a plain logsumexp with temporaries.
+    Returns (z_S − m [R, k], m [R], lse_tail [R], lse_s_tail [R] (zeros without s)): the top-k
+    logits and the logsumexp of z − m (of s·(z − m)) over the complement of the top-k, exact
+    however small the tail (`RowStats`). For s None or s > 0 every pass works in place on z (and
+    on `work`, scratch of z's shape for the s·z sum), so a chunk that fits in cache costs about
+    one read of it; s ≤ 0 (rare) takes a plain logsumexp with temporaries.
     """
     z_s = z.gather(1, ids)
     z.scatter_(1, ids, -math.inf)
-    m = z.amax(dim=1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    z.sub_(m)
-    lse_s_tail = torch.zeros_like(m[:, 0])
+    m = row_shift(z.amax(dim=1), z_s)
+    z.sub_(m[:, None])
+    lse_s_tail = torch.zeros_like(m)
     if s is not None:
-        if s > 0:  # max of s·z over the tail is s·m: the same shift serves both sums
-            lse_s_tail = torch.mul(z, s * LOG2E, out=_like(work, z)).exp2_().sum(dim=1).log_().add_(m[:, 0], alpha=s)
+        if s > 0:  # max of s·(z − m) over the tail is 0: no second max pass
+            lse_s_tail = torch.mul(z, s * LOG2E, out=_like(work, z)).exp2_().sum(dim=1).log_()
         else:
-            lse_s_tail = torch.logsumexp(scaled(z, s), dim=1).add_(m[:, 0], alpha=s)
-    lse_tail = _exp_(z).sum(dim=1).log_().add_(m[:, 0])
-    return z_s, lse_tail, lse_s_tail
+            lse_s_tail = torch.logsumexp(scaled(z, s), dim=1)
+    lse_tail = _exp_(z).sum(dim=1).log_()
+    return z_s - m[:, None], m, lse_tail, lse_s_tail
 
 
 def dense_tail_grad(z: Tensor, bg: BinGrads, s: float | None, out: Tensor, work: Tensor | None = None) -> Tensor:
-    """out = coef·exp(z − lse_tail) [+ gs·exp(s·z − lse_s_tail)] elementwise, z [R, W] any float
-    dtype, out [R, W] in the compute dtype (may be z itself), `work` optional scratch like out
-    (used for s > 0). Top-k entries get meaningless values: the caller overwrites them."""
+    """out = coef·exp(z − m − lse_tail) [+ gs·exp(s·(z − m) − lse_s_tail)] elementwise (`BinGrads`),
+    z [R, W] any float dtype, out [R, W] in the compute dtype (may be z itself), `work` optional
+    scratch like out (used for s > 0). Top-k entries get meaningless values (inf, even: their
+    z − m may be large): the caller overwrites them."""
+    torch.sub(z, bg.shift[:, None], out=out)  # exact near m (Sterbenz); ≤ 0 on the tail
     extra = None
-    if s is not None and s <= 0:  # scaled() keeps −inf entries at −inf for these s
-        extra = scaled(z.to(out.dtype), s).sub_(bg.lse_s_tail[:, None]).exp_()
-    torch.sub(z, bg.lse_tail[:, None], out=out)
-    if s is not None and s > 0:  # s·z − lse_s_tail = s·(z − lse_tail) − log γ
-        log_gamma = bg.lse_s_tail - s * bg.lse_tail
-        extra = torch.add(log_gamma.mul(-LOG2E)[:, None], out, alpha=s * LOG2E, out=_like(work, out)).exp2_()
-    _exp_(out).mul_(bg.coef[:, None])
+    if s is not None:
+        if s > 0:
+            extra = torch.add(bg.lse_s_tail.mul(-LOG2E)[:, None], out, alpha=s * LOG2E, out=_like(work, out))
+            extra.exp2_()
+        else:  # scaled() keeps −inf entries at −inf for these s
+            extra = scaled(out, s).sub_(bg.lse_s_tail[:, None]).exp_()
+    # exp(z − m)·(coef·e^(−lse_tail)): one pass fewer than subtracting lse_tail elementwise, and
+    # e^(−lse_tail) ≥ 1/V cannot underflow.
+    _exp_(out).mul_((bg.coef * torch.exp(-bg.lse_tail))[:, None])
     return out if extra is None else out.addcmul_(extra, bg.gs[:, None])
 
 
@@ -181,22 +229,24 @@ def _fast_path(t: Tensor) -> bool:
     return fused.compiled_kernels_enabled(t)
 
 
-def bins_from_stats(lse: Tensor, lse_tail: Tensor, lse_s_tail: Tensor, s: float | None) -> tuple[Tensor, Tensor]:
-    """(log q_tail, log γ) [N] from the row statistics: −inf / 0 for rows without a tail."""
+def chunk_bins(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None) -> RowStats:
+    """`RowStats` of one chunk z [R, V] (compute dtype; owned: overwritten by `tail_stats_`, as
+    is the optional scratch `work`)."""
+    e_s, m, lse_tail, lse_s_tail = tail_stats_(z, ids, s, work)
+    return finish_stats(e_s, m, lse_tail, lse_s_tail, s)
+
+
+def finish_stats(e_s: Tensor, m: Tensor, lse_tail: Tensor, lse_s_tail: Tensor, s: float | None) -> RowStats:
+    """`RowStats` from the top-k logits less the shift, e_s [R, k], and the tail sums."""
     has_tail = torch.isfinite(lse_tail)
-    log_q_tail = torch.where(has_tail, lse_tail - lse, torch.full_like(lse, -math.inf))
+    lse_top = torch.logsumexp(e_s, dim=1)
+    lse = torch.logaddexp(lse_top, lse_tail)
+    # log q_tail = −log(1 + Σ_S q / q_tail): no cancellation of two O(log V) numbers.
+    log_q_tail = torch.where(has_tail, -torch.nn.functional.softplus(lse_top - lse_tail), -math.inf)
     log_gamma = torch.zeros_like(lse)
     if s is not None:
         log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
-    return log_q_tail, log_gamma
-
-
-def chunk_bins(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None):
-    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ) of one chunk z [R, V] (compute
-    dtype; owned: overwritten by `tail_stats_`, as is the optional scratch `work`)."""
-    z_s, lse_tail, lse_s_tail = tail_stats_(z, ids, s, work)
-    lse = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail)
-    return (z_s - lse[:, None], lse_tail, lse_s_tail, *bins_from_stats(lse, lse_tail, lse_s_tail, s))
+    return RowStats(e_s - lse[:, None], m, lse_tail, lse_s_tail, log_q_tail, log_gamma)
 
 
 def _chunk_buffer(logits: Tensor, dtype: torch.dtype) -> Tensor:
@@ -205,7 +255,7 @@ def _chunk_buffer(logits: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty(min(n, chunk_rows(v, logits.device)), v, dtype=dtype, device=logits.device)
 
 
-def eager_logit_stats(logits: Tensor, ids: Tensor, s: float | None, dtype: torch.dtype):
+def eager_logit_stats(logits: Tensor, ids: Tensor, s: float | None, dtype: torch.dtype) -> RowStats:
     """`chunk_bins` of every row of logits [N, V], chunk by chunk (eager PyTorch)."""
     n, v = logits.shape
     buf = _chunk_buffer(logits, dtype)
@@ -216,7 +266,7 @@ def eager_logit_stats(logits: Tensor, ids: Tensor, s: float | None, dtype: torch
     ]
     if len(parts) <= 1:
         return parts[0] if parts else chunk_bins(buf[:0], ids, s, work)  # N = 0: empty outputs
-    return tuple(torch.cat(p) for p in zip(*parts))
+    return RowStats(*(torch.cat(p) for p in zip(*parts)))
 
 
 def eager_dense_grad(z: Tensor, bg: BinGrads, s: float | None, dtype: torch.dtype, out: Tensor) -> Tensor:
@@ -255,27 +305,27 @@ class _StudentBins(torch.autograd.Function):
                 fast = False
         if not fast:
             stats = eager_logit_stats(logits, ids, s, dtype)
-        log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma = stats
         ctx.s = s
         ctx.fast = fast
-        ctx.save_for_backward(logits, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail)
-        return log_q_s, log_q_tail, log_gamma
+        ctx.save_for_backward(logits, ids, stats.shift, stats.lse_tail, stats.lse_s_tail, stats.log_q_s,
+                              stats.log_q_tail)
+        return stats.bins()
 
     @staticmethod
     def backward(ctx, g_s: Tensor, g_tail: Tensor, g_gamma: Tensor):  # type: ignore[override]
-        logits, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail = ctx.saved_tensors
+        logits, ids, *stats = ctx.saved_tensors
         s = ctx.s
-        dtype = lse_tail.dtype
+        dtype = stats[0].dtype
         if ctx.fast:
             from amid import fused
 
-            bg = fused.compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+            bg = fused.compiled_bin_grads(g_s, g_tail, g_gamma, *stats, s)
             try:
                 return fused.logit_grad(logits, ids, bg, s, dtype), None, None
             except fused._CompileFailed:
                 pass
         else:
-            bg = bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+            bg = bin_grads(g_s, g_tail, g_gamma, *stats, s)
         return eager_logit_grad(logits, ids, bg, s, dtype), None, None
 
 

@@ -46,7 +46,17 @@ import warnings
 import torch
 from torch import Tensor
 
-from amid.bins import BinGrads, bin_grads, check_distinct, compute_dtype, eager_dense_grad, eager_logit_stats
+from amid.bins import (
+    BinGrads,
+    RowStats,
+    bin_grads,
+    check_distinct,
+    compute_dtype,
+    eager_dense_grad,
+    eager_logit_stats,
+    finish_stats,
+    row_shift,
+)
 from amid.losses import LossConfig, bins_loss, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
@@ -136,74 +146,69 @@ def _in_s(bits: Tensor, n_cols: int) -> Tensor:
 
 
 def _k_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
-    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ) of one chunk of logits [R, V]."""
+    """`amid.bins.RowStats` (as a plain tuple) of one chunk of logits [R, V]."""
     n_cols = lg.shape[1]
     z_s = lg.gather(1, ids).to(cdtype)
     z = lg.to(cdtype)
     tail = torch.where(_in_s(_bits(ids, n_cols), n_cols), -math.inf, z)
-    m = tail.amax(dim=1)
-    m = torch.where(torch.isfinite(m), m, 0.0)
-    lse_tail = torch.log(torch.exp(tail - m[:, None]).sum(dim=1)) + m
-    lse = torch.logaddexp(torch.logsumexp(z_s, dim=1), lse_tail)
-    has_tail = torch.isfinite(lse_tail)
-    log_q_tail = torch.where(has_tail, lse_tail - lse, -math.inf)
+    m = row_shift(tail.amax(dim=1), z_s)
+    e = tail - m[:, None]  # ≤ 0, −inf off the tail
+    lse_tail = torch.log(torch.exp(e).sum(dim=1))
     if s is None:
-        lse_s_tail = torch.zeros_like(lse)
-        log_gamma = torch.zeros_like(lse)
+        lse_s_tail = torch.zeros_like(m)
+    elif s > 0:  # the tail's max of s·e is 0: no second max pass, one loop for both sums
+        lse_s_tail = torch.log(torch.exp(e * s).sum(dim=1))
     else:
-        if s > 0:  # the tail's max of s·z is s·m: no second max pass, one loop for both sums
-            lse_s_tail = torch.log(torch.exp((tail - m[:, None]) * s).sum(dim=1)) + s * m
-        else:
-            ts = torch.where(torch.isneginf(tail), -math.inf, tail * s)
-            ms = ts.amax(dim=1)
-            ms = torch.where(torch.isfinite(ms), ms, 0.0)
-            lse_s_tail = torch.log(torch.exp(ts - ms[:, None]).sum(dim=1)) + ms
-        log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, 0.0)
-    return z_s - lse[:, None], lse_tail, lse_s_tail, log_q_tail, log_gamma
+        es = torch.where(torch.isneginf(e), -math.inf, e * s)
+        ms = es.amax(dim=1)
+        ms = torch.where(torch.isfinite(ms), ms, 0.0)
+        lse_s_tail = torch.log(torch.exp(es - ms[:, None]).sum(dim=1)) + ms
+    return tuple(finish_stats(z_s - m[:, None], m, lse_tail, lse_s_tail, s))
 
 
-def _k_grad(lg, cols, coef, lse_tail, gs, lse_s_tail, g_top, s: float | None, cdtype: torch.dtype):
+def _k_grad(lg, cols, coef, shift, lse_tail, gs, lse_s_tail, g_top, s: float | None, cdtype: torch.dtype):
     """dL/dlogits of one block of logits [R, width] whose column 0 is vocabulary entry v0;
     cols = topk_ids − v0 (ids outside [0, width) belong to other blocks)."""
     width = lg.shape[1]
     valid = (cols >= 0) & (cols < width)
     colc = cols.clamp(0, width - 1)
-    z = lg.to(cdtype)
-    g = coef[:, None] * torch.exp(z - lse_tail[:, None])
+    e = lg.to(cdtype) - shift[:, None]
+    g = coef[:, None] * torch.exp(e - lse_tail[:, None])
     if s is not None:
-        zs = torch.where(torch.isneginf(z), -math.inf, z * s)
-        g = g + gs[:, None] * torch.exp(zs - lse_s_tail[:, None])
+        es = torch.where(torch.isneginf(e), -math.inf, e * s)
+        g = g + gs[:, None] * torch.exp(es - lse_s_tail[:, None])
     g = torch.where(_in_s(_bits(colc, width, valid), width), 0.0, g).to(lg.dtype)
     # S entries are exactly 0 in g; out-of-block ids add 0 to a clamped column.
     return g.scatter_add(1, colc, torch.where(valid, g_top, 0.0).to(lg.dtype))
 
 
-def _stats_c(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
+def _stats_c(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype) -> RowStats:
     key = ("stats", lg.dtype, lg.shape[1], s, lg.device.type)
-    return _run_compiled(_k_stats, key, lg, ids, s, cdtype)
+    return RowStats(*_run_compiled(_k_stats, key, lg, ids, s, cdtype))
 
 
 def _grad_c(lg: Tensor, cols: Tensor, bg: BinGrads, s: float | None, cdtype: torch.dtype) -> Tensor:
     key = ("grad", lg.dtype, lg.shape[1], s, lg.device.type)
-    return _run_compiled(_k_grad, key, lg, cols, bg.coef, bg.lse_tail, bg.gs, bg.lse_s_tail, bg.g_top, s, cdtype)
+    return _run_compiled(
+        _k_grad, key, lg, cols, bg.coef, bg.shift, bg.lse_tail, bg.gs, bg.lse_s_tail, bg.g_top, s, cdtype
+    )
 
 
-def compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s) -> BinGrads:
+def compiled_bin_grads(g_s, g_tail, g_gamma, shift, lse_tail, lse_s_tail, log_q_s, log_q_tail, s) -> BinGrads:
     """`amid.bins.bin_grads`, compiled where the kernels are (a dozen small ops → one)."""
+    args = (g_s, g_tail, g_gamma, shift, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
     if compiled_kernels_enabled(log_q_s):
         key = ("bin_grads", log_q_s.dtype, s, log_q_s.device.type)
         try:
-            return BinGrads(*_run_compiled(
-                bin_grads, key, g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s
-            ))
+            return BinGrads(*_run_compiled(bin_grads, key, *args))
         except _CompileFailed:
             pass
-    return bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+    return bin_grads(*args)
 
 
-def logit_stats(logits: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
-    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ) from full logits [N, V], compiled
-    (callers check `compiled_kernels_enabled` and fall back to eager code on `_CompileFailed`)."""
+def logit_stats(logits: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype) -> RowStats:
+    """`amid.bins.RowStats` from full logits [N, V], compiled (callers check
+    `compiled_kernels_enabled` and fall back to eager code on `_CompileFailed`)."""
     return _stats_c(logits, ids, s, cdtype)
 
 
@@ -259,15 +264,15 @@ def _block_cols(n: int, v: int, rows: int) -> int:
     return min(cols, v)
 
 
-def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fast: bool):
-    """(log q(S), lse_tail, lse_s_tail, log q_tail, log γ, compiled) for one row chunk of logits
-    `lg` (left as it is). `compiled` says which path `_row_grad` takes."""
+def _row_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype, fast: bool) -> tuple[RowStats, bool]:
+    """(`RowStats`, compiled) for one row chunk of logits `lg` (left as it is). `compiled` says
+    which path `_row_grad` takes."""
     if fast:
         try:
-            return (*_stats_c(lg, ids, s, cdtype), True)
+            return _stats_c(lg, ids, s, cdtype), True
         except _CompileFailed:
             pass
-    return (*eager_logit_stats(lg, ids, s, cdtype), False)
+    return eager_logit_stats(lg, ids, s, cdtype), False
 
 
 def _row_grad(lg: Tensor, compiled: bool, ids: Tensor, bg: BinGrads, s, cdtype) -> Tensor:
@@ -297,17 +302,17 @@ def _block_grad(lg: Tensor, v0: int, ids: Tensor, bg: BinGrads, s, cdtype, fast:
     return g
 
 
-def _forward_stats(hidden, weight, bias, ids, s, cdtype, rows_per_chunk, fast):
+def _forward_stats(hidden, weight, bias, ids, s, cdtype, rows_per_chunk, fast) -> RowStats:
     n = hidden.shape[0]
     parts = []
     for r0 in range(0, n, rows_per_chunk) or [0]:  # N = 0: one empty chunk, empty outputs
         rows = slice(r0, min(n, r0 + rows_per_chunk))
         lg = _logits(hidden[rows], weight, bias)
-        parts.append(_row_stats(lg, ids[rows], s, cdtype, fast)[:5])
+        parts.append(_row_stats(lg, ids[rows], s, cdtype, fast)[0])
         del lg
     if len(parts) == 1:
         return parts[0]
-    return tuple(torch.cat(p) for p in zip(*parts))
+    return RowStats(*(torch.cat(p) for p in zip(*parts)))
 
 
 def _block_starts(v: int, cols: int) -> list[int]:
@@ -357,19 +362,18 @@ class _FusedBins(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, ids, s, rows_per_chunk, fast, fwd_rows):  # type: ignore[override]
         cdtype = compute_dtype(hidden)
         n, v = hidden.shape[0], weight.shape[0]
-        log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma = _forward_stats(
-            hidden, weight, bias, ids, s, cdtype, fwd_rows, fast
-        )
+        st = _forward_stats(hidden, weight, bias, ids, s, cdtype, fwd_rows, fast)
         ctx.s, ctx.fast, ctx.cdtype = s, fast, cdtype
         ctx.cols = _block_cols(n, v, rows_per_chunk)
-        ctx.save_for_backward(hidden, weight, bias, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail)
-        return log_q_s, log_q_tail, log_gamma
+        ctx.save_for_backward(hidden, weight, bias, ids, st.shift, st.lse_tail, st.lse_s_tail, st.log_q_s,
+                              st.log_q_tail)
+        return st.bins()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_s, g_tail, g_gamma):  # type: ignore[override]
-        hidden, weight, bias, ids, lse_tail, lse_s_tail, log_q_s, log_q_tail = ctx.saved_tensors
-        bg = compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, ctx.s)
+        hidden, weight, bias, ids, *stats = ctx.saved_tensors
+        bg = compiled_bin_grads(g_s, g_tail, g_gamma, *stats, ctx.s)
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         gh, gw, gb = _backward_blocks(hidden, weight, bias, ids, bg, ctx.s, ctx.cdtype, ctx.cols, ctx.fast, needs)
         return gh, gw, gb, None, None, None, None, None
@@ -396,12 +400,12 @@ class _FusedLossForwardGrad(torch.autograd.Function):
             h = hidden[rows]
             idx = ids[rows]
             lg = _logits(h, weight, bias)
-            log_q_s, lse_tail, lse_s_tail, log_q_tail, log_gamma, compiled = _row_stats(lg, idx, s, cdtype, fast)
+            st, compiled = _row_stats(lg, idx, s, cdtype, fast)
             if not want_grad:
-                loss[rows] = bins_loss(log_q_s, log_q_tail, log_gamma, p_s[rows], p_tail[rows], config)
+                loss[rows] = bins_loss(*st.bins(), p_s[rows], p_tail[rows], config)
                 continue
             with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in (log_q_s, log_q_tail, log_gamma)]
+                leaves = [t.detach().requires_grad_() for t in st.bins()]
                 chunk_loss = bins_loss(*leaves, p_s[rows], p_tail[rows], config)
                 if chunk_loss.requires_grad:
                     grads = torch.autograd.grad(chunk_loss.sum(), leaves, allow_unused=True)
@@ -409,7 +413,8 @@ class _FusedLossForwardGrad(torch.autograd.Function):
                     grads = (None, None, None)
             loss[rows] = chunk_loss.detach()
             g_s, g_tail, g_gamma = (torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves))
-            bg = compiled_bin_grads(g_s, g_tail, g_gamma, lse_tail, lse_s_tail, log_q_s, log_q_tail, s)
+            bg = compiled_bin_grads(g_s, g_tail, g_gamma, st.shift, st.lse_tail, st.lse_s_tail, st.log_q_s,
+                                    st.log_q_tail, s)
             parts.append(bg)
             g = _row_grad(lg, compiled, idx, bg, s, cdtype)
             del lg
@@ -424,7 +429,7 @@ class _FusedLossForwardGrad(torch.autograd.Function):
                 gb.add_(g.sum(dim=0, dtype=acc_dtype))
         if want_grad:
             bg_all = BinGrads(
-                *(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5))
+                *(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(len(BinGrads._fields)))
             ) if parts else None
             ctx.bg = bg_all
             ctx.s, ctx.fast, ctx.cdtype = s, fast, cdtype

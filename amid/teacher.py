@@ -153,8 +153,8 @@ def teacher_topk(logits: torch.Tensor, k: int, temperature: float = 1.0):
     if temperature != 1.0:
         z.div_(temperature)
     ids = torch.topk(z, min(k, z.shape[-1]), dim=-1).indices
-    log_q_s, _, _, log_q_tail, _ = eager_logit_stats(z, ids, None, torch.float32)
-    return ids, log_q_s, log_q_tail
+    stats = eager_logit_stats(z, ids, None, torch.float32)
+    return ids, stats.log_q_s, stats.log_q_tail
 
 
 def resolve_device(device: str) -> torch.device:

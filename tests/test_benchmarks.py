@@ -69,3 +69,15 @@ def test_cache_format_tables_hold_together(V, tmp_path):
                       "bytes_per_position": chosen["bytes_per_position"], "write_pos_per_s": 1.0,
                       "decode_pos_per_s": None, "decode_pos_per_s_noverify": None, "decode_cache_positions": None}])
     assert "**chosen**" in text and np.isfinite(chosen["bytes_per_position"])
+
+
+def test_accuracy_table_runs_and_shows_float32_close_to_float64():
+    cmd = [sys.executable, "-m", "benchmarks.accuracy", "--n", "6", "--vocab", "200", "--top-k", "4",
+           "--presets", "rkl,abkd", "--offsets", "0,10000"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| random") or
+            line.startswith("| opposed")]
+    assert len(rows) == 2 * 2 * 2
+    assert max(float(cell) for row in rows for cell in row[3:]) < 1e-4  # every error column

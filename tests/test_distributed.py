@@ -103,17 +103,22 @@ def test_two_ranks_take_the_steps_of_one_process_with_twice_the_accumulation(wor
     if "epochs" in options:
         assert one["total_steps"] == (plan.batches_per_epoch + 1) // 2
     assert [m["step"] for m in a] == [m["step"] for m in b]
+    # With several batches per rank the gradients are added in another order: float32 ulps, which
+    # fp16 logits (and Adam's sign-like steps on near-zero gradients) amplify step by step: after 4
+    # fp16 steps measured up to 1.2e-5 relative in the metrics and 1.4e-6 absolute in the weights
+    # (lr 5e-3: under a thousandth of one Adam step; a lost or repeated batch changes the steps).
+    fp16 = options.get("dtype") == "fp16"
+    rel, atol = (1e-4, 1e-5) if fp16 else (1e-5, 1e-6)
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for key in x.keys() - {"tokens_per_s"}:
-            # With several batches per rank the gradients are added in another order: ulps.
-            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x["step"], key)
+            assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-6), (x["step"], key)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_tokens"] == one["train_tokens"]
     wa, wb = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "two")
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(wa[name], wb[name], rtol=rel, atol=atol, msg=name)
     json.loads((tmp_path / "two" / "config.json").read_text())  # written once, whole, by rank 0
 
 
