@@ -15,6 +15,7 @@ import time
 import click
 
 from amid import __version__
+from amid.errors import first_line
 
 RANK_ERROR_GRACE_S = 30  # see friendly_errors
 
@@ -45,7 +46,7 @@ def friendly_errors(fn):
             what = INTERRUPTED.get(click.get_current_context().info_name, "")
             raise Stopped(f"interrupted{'; ' + what if what else ''}" if rank == 0 else None, 130) from None
         except OSError as exc:  # FileNotFoundError too
-            message = _first_line(exc)
+            message = first_line(exc)
             raise click.ClickException(f"rank {rank}: {message}" if world > 1 else message) from None
         except (DataError, CacheError, ValueError, click.ClickException) as exc:
             own = world > 1 and getattr(exc, "this_rank_only", False)  # the other ranks do not meet it
@@ -53,10 +54,10 @@ def friendly_errors(fn):
                 # Rank 0 meets the same error and says it; torchrun then ends this process. Exiting at
                 # once would let torchrun end rank 0 first where it is still busy (writing a checkpoint).
                 time.sleep(RANK_ERROR_GRACE_S)
-                raise click.ClickException(f"rank {rank}: {_first_line(exc)}") from None  # rank 0 did not
+                raise click.ClickException(f"rank {rank}: {first_line(exc)}") from None  # rank 0 did not
             if isinstance(exc, click.ClickException):
                 raise
-            raise click.ClickException(f"rank {rank}: {_first_line(exc)}" if own else _first_line(exc)) from None
+            raise click.ClickException(f"rank {rank}: {first_line(exc)}" if own else first_line(exc)) from None
 
     return wrapper
 
@@ -90,10 +91,6 @@ def _quiet_transformers(quiet: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -131,7 +128,8 @@ def main() -> None:
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--messages-field", default="messages", show_default=True,
               help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
-@click.option("--split", default="train", show_default=True, help="Split of a datasets name.")
+@click.option("--split", default="train", show_default=True,
+              help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
 @click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per shard, at most.")
 @click.option("--positions-per-shard", default=262_144, show_default=True,
@@ -274,9 +272,9 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
     lists = {"--preset": presets, "--alpha": alphas, "--lam": lams, "--divergence": divergences, "--order": orders,
              **({"--devices": devices} if devices.strip() else {})}  # no --devices: the default device
     for option, text in lists.items():  # _words and _floats drop empty items: here each drops runs
-        if not all(x.strip() for x in text.split(",")):
-            raise ValueError(f"{option} {text!r}: {'an empty item' if text.strip() else 'no values'}; "
-                             f"give a comma list without empty items")
+        if text.strip() and not all(x.strip() for x in text.split(",")):
+            raise ValueError(f"{option} {text!r}: an empty item; give a comma list without empty items")
+    # An empty list is expand_grid's to judge: --alpha "" is fine for presets without α (kd, rkl, ...).
     cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas), lams=_floats(lams),
                       divergences=_words(divergences), orders=_words(orders), devices=_words(devices),
                       train_overrides=overrides, **options)
@@ -298,7 +296,8 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
               help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
-@click.option("--split", default="train", show_default=True, help="Split of a datasets name or saved DatasetDict.")
+@click.option("--split", default="train", show_default=True,
+              help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
 @click.option("--rouge", is_flag=True, help="Also sample responses and score ROUGE-L (instruction data).")
 @click.option("--seeds", default="10,20,30,40,50", show_default=True, help="Sampling seeds for ROUGE-L (mean reported).")
 @click.option("--max-new-tokens", default=256, show_default=True)

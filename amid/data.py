@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from amid.errors import first_line
+
 __all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES",
            "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes", "record_messages",
            "closing_texts"]
@@ -186,6 +188,9 @@ def load_records(source: str, split: str = "train", limit: int | None = None) ->
 def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations | None]:
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         return _load_saved(path, split), None  # a `datasets` save_to_disk directory
+    if split != "train":  # a file holds one split: reading it whole for --split test would mislead
+        raise DataError(f"{path}: --split {split} applies to a datasets name or a saved DatasetDict, and this is "
+                        "a local file or folder of files; point --data at that split's file instead")
     files = sorted(p for p in path.rglob("*") if p.suffix in _BUILDERS) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(_BUILDERS)}) found")
@@ -220,7 +225,7 @@ def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations
         extra = {"encoding": "utf-8-sig"} if builder == "text" else {}  # a byte-order mark is no text
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **extra)
     except Exception as exc:  # datasets raises many types; the user needs the file and the reason
-        raise DataError(f"{path}: could not be read as {builder}: {_first_line(exc)}") from exc
+        raise DataError(f"{path}: could not be read as {builder}: {first_line(exc)}") from exc
     finally:
         logger.setLevel(level)
     records = [dict(r) for r in ds]
@@ -233,12 +238,15 @@ def _load_saved(path: Path, split: str) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:
-        raise DataError(f"{path}: could not be read with datasets.load_from_disk: {_first_line(exc)}") from exc
+        raise DataError(f"{path}: could not be read with datasets.load_from_disk: {first_line(exc)}") from exc
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r} (splits: {', '.join(ds)}); pass --split, or point --data at "
                             f"{path / next(iter(ds))} (a split's own directory)")
         ds = ds[split]
+    elif split != "train":
+        raise DataError(f"{path}: a saved Dataset holds one split, and --split {split} names another; "
+                        "drop --split, or save a DatasetDict")
     return [dict(r) for r in ds]
 
 
@@ -250,7 +258,7 @@ def _load_hub(name: str, split: str) -> list[dict[str, Any]]:
     except Exception as exc:
         raise DataError(
             f"{name}: not a local file and could not be loaded as a datasets name "
-            f"(split {split!r}): {_first_line(exc)}"
+            f"(split {split!r}): {first_line(exc)}"
         ) from exc
     return [dict(r) for r in ds]
 
@@ -308,13 +316,6 @@ def _utf8(raw: bytes, path: Path, lineno: int) -> str:
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
                         f"save the file as UTF-8") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    while exc.__cause__ is not None and type(exc).__name__ == "DatasetGenerationError":
-        exc = exc.__cause__  # "An error occurred while generating the dataset": the reason is its cause
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,7 +608,7 @@ def _chat(tokenizer, messages: list[dict[str, str]], where: str, **kwargs):
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as exc:  # jinja2's TemplateError, or whatever the template raises
-        raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({_first_line(exc)}); "
+        raise DataError(f"{where}: the tokenizer's chat template refused this conversation ({first_line(exc)}); "
                         f"use another --template, or a tokenizer whose template takes it") from None
 
 

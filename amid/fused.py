@@ -57,7 +57,7 @@ from amid.bins import (
     finish_stats,
     row_shift,
 )
-from amid.losses import LossConfig, bins_loss, tail_weight_degree
+from amid.losses import LossConfig, bins_loss, check_teacher_bins, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
 
@@ -498,7 +498,8 @@ def fused_sparse_loss(
             many rows); the backward's vocabulary blocks hold as many logits as a chunk.
         mode: "auto", "recompute" or "forward" (see the module docstring). "auto" picks
             "forward" for float32/float64 and "recompute" for bf16/fp16.
-        check_ids: as for `sparse_loss` (refuse repeated ids; the trainer passes False).
+        check_ids: as for `sparse_loss` (refuse repeated ids and targets that are not
+            log-probabilities; the trainer passes False).
 
     Returns:
         [N] loss in float32 (float64 for float64 inputs).
@@ -524,6 +525,7 @@ def fused_sparse_loss(
     ids = topk_ids.long()
     if check_ids:
         check_distinct(ids)
+        check_teacher_bins(topk_logprobs, tail_logmass)
     s = tail_weight_degree(config)
     v = lm_weight.shape[0]
     fast = compiled_kernels_enabled(hidden)

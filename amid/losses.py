@@ -33,6 +33,7 @@ __all__ = [
     "sparse_loss",
     "bins_loss",
     "tail_weight_degree",
+    "check_teacher_bins",
     "student_bins",
     "mix_ce",
 ]
@@ -194,8 +195,10 @@ def sparse_loss(
         topk_logprobs: [N, k] teacher log-probabilities of those ids under its full softmax.
         tail_logmass: [N] teacher log(1 − Σ_{x∈S} p(x)); −inf if the top-k hold all the mass.
         config: the objective.
-        check_ids: refuse a row that names an id twice (one host sync); the trainer passes
-            False for a cache's ids, written ascending and covered by the shards' checksums.
+        check_ids: check the targets (one host sync): refuse a row that names an id twice, or
+            whose k + 1 teacher bins are not a distribution (`check_teacher_bins`). The trainer
+            passes False for a cache's targets, written by cache-teacher and covered by the
+            shards' checksums.
 
     Returns:
         [N] loss in float32 (float64 if the student logits are float64).
@@ -212,9 +215,33 @@ def sparse_loss(
         )
     if check_ids:
         check_distinct(topk_ids)
+        check_teacher_bins(topk_logprobs, tail_logmass)
     s = tail_weight_degree(config)
     log_q_s, log_q_tail, log_gamma = student_bins(student_logits, topk_ids, s)
     return bins_loss(log_q_s, log_q_tail, log_gamma, topk_logprobs, tail_logmass, config)
+
+
+# How far the teacher's k + 1 bins may sum from 1: a cache's 8-mantissa-bit log-probabilities move
+# the sum by at most 2^-9 times the top-k's entropy (≤ 0.01 at k = 64); a slip such as logits in
+# place of log-probabilities moves it by orders of magnitude more.
+BINS_MASS_TOLERANCE = 0.05
+
+
+def check_teacher_bins(topk_logprobs: Tensor, tail_logmass: Tensor) -> None:
+    """ValueError unless each row's teacher bins (topk_logprobs [N, k], tail_logmass [N]) hold a
+    total mass within `BINS_MASS_TOLERANCE` of 1 (no NaN). One host sync. The loss renormalises
+    the bins (storage rounding); this catches targets that were never log-probabilities."""
+    if topk_logprobs.numel() == 0:
+        return
+    log_mass = torch.logsumexp(torch.cat([topk_logprobs.detach().float(), tail_logmass.detach().float()[:, None]], 1), 1)
+    bad = ~(log_mass.abs() <= math.log1p(BINS_MASS_TOLERANCE))  # NaN is bad too
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row}'s teacher bins hold a mass of {math.exp(log_mass[row].item()):.4g}, not 1: topk_logprobs "
+            "must be log-probabilities under the teacher's full softmax (log_softmax, then top-k, not logits) and "
+            "tail_logmass log(1 - their total)"
+        )
 
 
 def tail_weight_degree(config: LossConfig) -> float | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from amid.errors import first_line
+
 __all__ = ["ModelError", "check_model_name", "load_tokenizer", "load_model"]
 
 
@@ -29,11 +31,6 @@ def check_model_name(name: str, what: str) -> None:
         raise ModelError(f"{what} {name}: no such local model directory")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0].rstrip(": ") if text else type(exc).__name__
-
-
 def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
     """AutoTokenizer.from_pretrained(name), or a ModelError naming `what` (e.g. "--student")."""
     from transformers import AutoTokenizer
@@ -42,7 +39,7 @@ def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: what transformers raises varies by what is missing
-        raise ModelError(f"{what} {name}: its tokenizer cannot be loaded ({_first_line(exc)})") from None
+        raise ModelError(f"{what} {name}: its tokenizer cannot be loaded ({first_line(exc)})") from None
 
 
 def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
@@ -55,7 +52,7 @@ def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
         model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True, **kwargs)
     except Exception as exc:  # safetensors, config and hub errors vary by the damage
-        raise ModelError(f"{what} {name}: cannot be loaded as a causal language model ({_first_line(exc)})") from None
+        raise ModelError(f"{what} {name}: cannot be loaded as a causal language model ({first_line(exc)})") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise ModelError(f"{what} {name}: its weights lack {', '.join(missing[:3])}"

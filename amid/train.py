@@ -53,6 +53,7 @@ from amid import __version__
 from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
 from amid.data import DataError, cut_batches, lm_blocks
 from amid.distributed import Ranks, start_ranks, world_from_env
+from amid.errors import first_line
 from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.lock import DirLock
@@ -525,7 +526,7 @@ def save_model_dir(path: Path, model, tokenizer, state: dict[str, Any] | None = 
         _fsync_tree(tmp)
     except (OSError, RuntimeError) as exc:  # a full disk: torch.save's says "unexpected pos ..."
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         full = getattr(exc, "errno", None) == errno.ENOSPC or "unexpected pos" in reason
         kept = f"the previous {path.name} is kept; " if path.exists() else ""
         raise TrainError(f"{path}: writing it failed ({reason}{'; is the disk full?' if full else ''}); {kept}"
@@ -664,7 +665,7 @@ def _damaged_checkpoint(what: Path, exc: BaseException, ckpt: Path) -> str:
     # Damage (a truncated or overwritten file) and a checkpoint written by other versions of
     # torch/numpy/transformers fail alike here; moving the checkpoint away costs the run's steps,
     # so the message names both causes and lets the reader's error decide.
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    reason = first_line(exc)
     return (f"{what}: checkpoint cannot be read ({type(exc).__name__}: {reason[:120]}); if it was written by "
             f"other versions of torch/numpy/transformers, resume with those; if it is damaged, move {ckpt} away "
             f"to restart the run from step 0, or choose another --out")

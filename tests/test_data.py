@@ -436,6 +436,12 @@ def test_datasets_save_to_disk_directories_and_text_byte_order_marks(tmp_path):
     assert len(load_records(str(tmp_path / "dict"), split="test")) == 1
     with pytest.raises(DataError, match="no split 'dev'.*--split"):
         load_records(str(tmp_path / "dict"), split="dev")
+    # A file or a one-split Dataset has no other split: --split is refused, not ignored.
+    with pytest.raises(DataError, match="one split, and --split test names another"):
+        load_records(str(tmp_path / "one"), split="test")
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    with pytest.raises(DataError, match="rows.jsonl: --split test applies to a datasets name.*point --data at"):
+        load_records(str(tmp_path / "rows.jsonl"), split="test")
     (tmp_path / "bom.txt").write_text("line one\nline two\n", encoding="utf-8-sig")
     assert [r["text"] for r in load_records(str(tmp_path / "bom.txt"))] == ["line one", "line two"]
 

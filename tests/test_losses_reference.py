@@ -1208,4 +1208,42 @@ def test_repeated_top_k_ids_are_refused():
         sparse_loss(torch.randn(2, 10), ids, lps, tail, LossConfig.preset("kd"))
     with pytest.raises(ValueError, match="topk_ids row 1 names an id twice"):
         fused_sparse_loss(torch.randn(2, 4), torch.randn(10, 4), None, ids, lps, tail, LossConfig.preset("kd"))
-    assert torch.isfinite(sparse_loss(torch.randn(2, 10), ids[:, :1], lps[:, :1], tail, LossConfig.preset("kd"))).all()
+    one, rest = torch.full((2, 1), math.log(0.3)), torch.full((2,), math.log(0.7))
+    assert torch.isfinite(sparse_loss(torch.randn(2, 10), ids[:, :1], one, rest, LossConfig.preset("kd"))).all()
+
+
+def test_targets_that_are_not_log_probabilities_are_refused():
+    from amid.fused import fused_sparse_loss
+    from amid.teacher import teacher_topk
+
+    gen = torch.Generator().manual_seed(5)
+    teacher = torch.randn(3, 50, generator=gen) * 2
+    ids, lps, tail = teacher_topk(teacher, 8)
+    kd = LossConfig.preset("kd")
+    student, hidden, weight = torch.randn(3, 50), torch.randn(3, 4), torch.randn(50, 4)
+    assert torch.isfinite(sparse_loss(student, ids, lps, tail, kd)).all()
+    logits = teacher.gather(1, ids)  # the slip: top-k logits in place of log-probabilities
+    for bad_top, bad_tail, mass in ((logits, tail, "mass of [0-9.]+, not 1"),
+                                    (lps, torch.zeros(3), "mass of 1.[0-9]+, not 1"),
+                                    (lps, tail.clone().fill_(math.nan), "mass of nan, not 1")):
+        with pytest.raises(ValueError, match=f"row 0's teacher bins hold a {mass}: topk_logprobs must be log-prob"):
+            sparse_loss(student, ids, bad_top, bad_tail, kd)
+        with pytest.raises(ValueError, match="row 0's teacher bins"):
+            fused_sparse_loss(hidden, weight, None, ids, bad_top, bad_tail, kd)
+    sparse_loss(student, ids, logits, tail, kd, check_ids=False)  # the trainer's cache targets: unchecked
+
+
+def test_cache_rounding_of_teacher_bins_stays_inside_the_tolerance():
+    from amid.codec import round_logprobs
+    from amid.losses import BINS_MASS_TOLERANCE, check_teacher_bins
+    from amid.teacher import teacher_topk
+
+    gen = torch.Generator().manual_seed(6)
+    worst = 0.0
+    for scale in (0.1, 1.0, 3.0, 10.0):  # flat to peaked teachers
+        _, lps, tail = teacher_topk(torch.randn(2000, 5000, generator=gen) * scale, 64)
+        stored = torch.from_numpy(round_logprobs(lps.numpy()).astype(np.float32))
+        check_teacher_bins(stored, tail)
+        mass = torch.logsumexp(torch.cat([stored.double(), tail.double()[:, None]], 1), 1).exp()
+        worst = max(worst, (mass - 1).abs().max().item())
+    assert 1e-4 < worst < BINS_MASS_TOLERANCE / 5, worst  # rounding moves the mass; well inside the bound

@@ -308,7 +308,9 @@ def test_grid_values_given_twice_are_one_run_and_empty_ones_are_refused(tmp_path
     out = tmp_path / "sweep"
     base = ["sweep", "--cache", str(tmp_path / "c"), "--student", "s", "--out", str(out)]
     for args, needle in [(["--alpha", "0.5,,1"], "--alpha '0.5,,1': an empty item"),
-                         (["--alpha", ""], "--alpha '': no values"),
+                         (["--alpha", ""], "--alpha: no values"),
+                         (["--preset", ""], "--preset: no values"),
+                         (["--preset", "kd,rkl", "--alpha", ""], "c: "),  # no α needed: on to the cache
                          (["--preset", "kd,"], "--preset 'kd,': an empty item"),
                          (["--devices", "cpu,,cuda:0"], "--devices 'cpu,,cuda:0': an empty item")]:
         res = CliRunner().invoke(main, [*base, *args])
