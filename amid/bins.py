@@ -9,12 +9,13 @@ coef · exp(z_j − m − lse_tail) [+ gs · exp(s·(z_j − m) − lse_s_tail)]
 [N, V] intermediates, no [N, V] float32 copy of bf16/fp16 logits. On CUDA both passes run as
 torch.compile'd kernels from `amid.fused`, which also uses the pieces here for its LM-head path.
 
-Every row statistic is kept relative to a shift m, the row's largest tail logit (`RowStats`):
-log-sum-exps of z − m are O(log V) whatever the logits' common offset, so log q(S), log q_tail and
-the gradient keep float32's relative accuracy as `log_softmax` does (an absolute logsumexp near
-z ≈ 1e4 has an ulp of 1e-3, and every bin and every tail gradient inherited it). log q_tail is
-−softplus(lse(S) − lse_tail), accurate to its last bits when the student's tail holds nearly all
-the mass (a difference of two O(log V) numbers kept only their ulp there).
+Every tail statistic is kept relative to a shift m, the row's largest tail logit (`RowStats`),
+and log q(S) is taken around the row's largest logit, as `log_softmax` takes it: the terms are
+O(log V) whatever the logits' common offset or the top-k's lead over the tail, so log q(S),
+log q_tail and the gradient keep the dtype's relative accuracy (an absolute logsumexp near
+z ≈ 1e4 has an ulp of 1e-3 in float32, and every bin and every tail gradient inherited it).
+log q_tail is −log(1 + exp(lse(S) − lse_tail)), accurate to its last bits when the student's
+tail holds nearly all the mass (a difference of two O(log V) numbers kept only their ulp there).
 """
 
 from __future__ import annotations
@@ -178,8 +179,8 @@ def row_shift(tail_max: Tensor, z_s: Tensor) -> Tensor:
 def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None) -> tuple[Tensor, ...]:
     """Row statistics of one chunk of logits z [R, V] (compute dtype; owned: overwritten).
 
-    Returns (z_S − m [R, k], m [R], lse_tail [R], lse_s_tail [R] (zeros without s)): the top-k
-    logits and the logsumexp of z − m (of s·(z − m)) over the complement of the top-k, exact
+    Returns (z_S [R, k], m [R], lse_tail [R], lse_s_tail [R] (zeros without s)): the top-k
+    logits, the shift and the logsumexp of z − m (of s·(z − m)) over the complement of the top-k, exact
     however small the tail (`RowStats`). For s None or s > 0 every pass works in place on z (and
     on `work`, scratch of z's shape for the s·z sum), so a chunk that fits in cache costs about
     one read of it; s ≤ 0 (rare) takes a plain logsumexp with temporaries.
@@ -195,15 +196,17 @@ def tail_stats_(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = N
         else:
             lse_s_tail = torch.logsumexp(scaled(z, s), dim=1)
     lse_tail = _exp_(z).sum(dim=1).log_()
-    return z_s - m[:, None], m, lse_tail, lse_s_tail
+    return z_s, m, lse_tail, lse_s_tail
 
 
 def dense_tail_grad(z: Tensor, bg: BinGrads, s: float | None, out: Tensor, work: Tensor | None = None) -> Tensor:
     """out = coef·exp(z − m − lse_tail) [+ gs·exp(s·(z − m) − lse_s_tail)] elementwise (`BinGrads`),
     z [R, W] any float dtype, out [R, W] in the compute dtype (may be z itself), `work` optional
-    scratch like out (used for s > 0). Top-k entries get meaningless values (inf, even: their
-    z − m may be large): the caller overwrites them."""
-    torch.sub(z, bg.shift[:, None], out=out)  # exact near m (Sterbenz); ≤ 0 on the tail
+    scratch like out (used for s > 0). Top-k entries get meaningless values (inf or nan, even:
+    their z − m may be large): the caller overwrites them."""
+    # Exact near m (Sterbenz); ≤ 0 on the tail up to the rounding of logits recomputed by another
+    # matmul (the fused backward's vocabulary blocks).
+    torch.sub(z, bg.shift[:, None], out=out)
     extra = None
     if s is not None:
         if s > 0:
@@ -232,21 +235,27 @@ def _fast_path(t: Tensor) -> bool:
 def chunk_bins(z: Tensor, ids: Tensor, s: float | None, work: Tensor | None = None) -> RowStats:
     """`RowStats` of one chunk z [R, V] (compute dtype; owned: overwritten by `tail_stats_`, as
     is the optional scratch `work`)."""
-    e_s, m, lse_tail, lse_s_tail = tail_stats_(z, ids, s, work)
-    return finish_stats(e_s, m, lse_tail, lse_s_tail, s)
+    return finish_stats(*tail_stats_(z, ids, s, work), s)
 
 
-def finish_stats(e_s: Tensor, m: Tensor, lse_tail: Tensor, lse_s_tail: Tensor, s: float | None) -> RowStats:
-    """`RowStats` from the top-k logits less the shift, e_s [R, k], and the tail sums."""
+def finish_stats(z_s: Tensor, m: Tensor, lse_tail: Tensor, lse_s_tail: Tensor, s: float | None) -> RowStats:
+    """`RowStats` from the top-k logits z_s [R, k] (compute dtype), the shift and the tail sums."""
     has_tail = torch.isfinite(lse_tail)
-    lse_top = torch.logsumexp(e_s, dim=1)
-    lse = torch.logaddexp(lse_top, lse_tail)
-    # log q_tail = −log(1 + Σ_S q / q_tail): no cancellation of two O(log V) numbers.
-    log_q_tail = torch.where(has_tail, -torch.nn.functional.softplus(lse_top - lse_tail), -math.inf)
+    # log q(S) around the row's largest logit M, as log_softmax takes it: every term O(log V) even
+    # when the top-k stand far above the tail (a confident student; around m they would be O(gap)).
+    top = z_s.amax(dim=1) if z_s.shape[1] else torch.full_like(m, -math.inf)
+    big = torch.where(torch.isfinite(top), torch.maximum(top, m), m)
+    e_top = z_s - big[:, None]
+    lse_top = torch.logsumexp(e_top, dim=1)
+    lse_rest = lse_tail + (m - big)
+    lse = torch.logaddexp(lse_top, lse_rest)
+    # log q_tail = −log(1 + Σ_S q / q_tail): no cancellation of two O(log V) numbers; logaddexp, not
+    # softplus, whose cut-off at 20 drops up to 2e-9 (float64's digits).
+    log_q_tail = torch.where(has_tail, -torch.logaddexp(torch.zeros_like(lse), lse_top - lse_rest), -math.inf)
     log_gamma = torch.zeros_like(lse)
     if s is not None:
         log_gamma = torch.where(has_tail, lse_s_tail - s * lse_tail, log_gamma)
-    return RowStats(e_s - lse[:, None], m, lse_tail, lse_s_tail, log_q_tail, log_gamma)
+    return RowStats(e_top - lse[:, None], m, lse_tail, lse_s_tail, log_q_tail, log_gamma)
 
 
 def _chunk_buffer(logits: Tensor, dtype: torch.dtype) -> Tensor:

@@ -163,7 +163,7 @@ def _k_stats(lg: Tensor, ids: Tensor, s: float | None, cdtype: torch.dtype):
         ms = es.amax(dim=1)
         ms = torch.where(torch.isfinite(ms), ms, 0.0)
         lse_s_tail = torch.log(torch.exp(es - ms[:, None]).sum(dim=1)) + ms
-    return tuple(finish_stats(z_s - m[:, None], m, lse_tail, lse_s_tail, s))
+    return tuple(finish_stats(z_s, m, lse_tail, lse_s_tail, s))
 
 
 def _k_grad(lg, cols, coef, shift, lse_tail, gs, lse_s_tail, g_top, s: float | None, cdtype: torch.dtype):

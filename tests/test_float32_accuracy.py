@@ -96,6 +96,36 @@ def test_student_bins_float32_keep_their_relative_accuracy():
             assert err < 2e-6, f"{name} at +{offset:g}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("gap", [40.0, 100.0, 300.0])
+def test_a_confident_student_keeps_log_softmax_accuracy(gap):
+    # The top-k far above every other logit: log q(S) is taken around the row's largest logit, not
+    # around the tail's (where its terms were O(gap) and kept only ulp(gap): 1.3e-5 at 300).
+    ids, top, tail = _teacher()
+    z = _student_logits(ids, offset=0.0).double()
+    z.scatter_(1, ids, gap + torch.rand(ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4)))
+    z = _dyadic(z).float()
+    got, want = student_bins(z, ids), student_bins(z.double(), ids)
+    log_softmax_err = (torch.log_softmax(z, -1).double() - torch.log_softmax(z.double(), -1)).abs().max().item()
+    assert (got[0].double() - want[0]).abs().max().item() < max(4 * log_softmax_err, 1e-7)
+    assert ((got[1].double() - want[1]) / want[1]).abs().max().item() < 2e-6  # log q_tail ≈ −gap
+    cfg = LossConfig.preset("rkl")
+    _assert_close(_loss_and_grad(lambda x: sparse_loss(x, ids, top, tail, cfg), z),
+                  _loss_and_grad(lambda x: sparse_loss(x, ids, top.double(), tail.double(), cfg), z.double()),
+                  f"rkl, top-k {gap:g} above the tail")
+
+
+def test_float64_log_q_tail_keeps_its_digits_when_the_tail_is_tiny():
+    # q_tail < e^-20: softplus's cut-off at 20 dropped up to 2e-9 of log q_tail; float64 keeps ~1e-15.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 50, dtype=torch.float64, generator=gen)
+    ids = torch.arange(5).expand(6, 5)
+    z[:, :5] += torch.linspace(20.0, 40.0, 6, dtype=torch.float64)[:, None]
+    _, got, _ = student_bins(z, ids)
+    log_q = torch.log_softmax(z, -1)
+    want = torch.logsumexp(log_q[:, 5:], -1)
+    assert ((got - want) / want).abs().max().item() < 1e-13
+
+
 def _head(ids, offset, h=16, v=1500, seed=2):
     """Hidden states and LM head in multiples of 1/8 and a bias: float32 logits are exact."""
     gen = torch.Generator().manual_seed(seed)
