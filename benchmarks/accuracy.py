@@ -62,16 +62,19 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--presets", default="kd,rkl,srkl,abkd,amid")
     ap.add_argument("--offsets", default="0,100,10000")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="on CUDA the compiled kernels are on (amid.fused); float64 references too")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}; N = {args.n}, V = {args.vocab}, k = {args.top_k}; "
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device}; N = {args.n}, V = {args.vocab}, k = {args.top_k}; "
           "errors of float32 against float64 on the same inputs (loss: worst relative; "
           "gradient: max |error| / max |gradient|)\n")
     print("| student | offset | preset | full loss | full grad | sparse loss | sparse grad | fused loss | fused grad h |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for opposed in (False, True):
         for offset in (float(o) for o in args.offsets.split(",")):
-            teacher, ids, top, tail, hidden, weight, bias = problem(
-                args.n, args.vocab, args.top_k, 16, offset, opposed)
+            teacher, ids, top, tail, hidden, weight, bias = (t.to(device) for t in problem(
+                args.n, args.vocab, args.top_k, 16, offset, opposed))
             logits = hidden @ weight.T + bias  # exact: dyadic inputs
             for name in args.presets.split(","):
                 cfg = LossConfig.preset(name)
