@@ -220,3 +220,17 @@ def text_records(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     return [{"text": " ".join(rng.choice(CORPUS) for _ in range(rng.randint(1, 3)))[: rng.randint(5, 200)]}
             for _ in range(n)]
+
+
+def compiled_kernels_testable() -> bool:
+    """Whether to test amid.fused's torch.compile'd kernels: on CUDA where they are on, or on the
+    CPU (Inductor's C++ backend, ~20 s of compiling) when AMID_TEST_COMPILE=1."""
+    import os
+
+    import torch
+
+    from amid import fused
+
+    if os.environ.get("AMID_TEST_COMPILE") == "1":
+        return True
+    return torch.cuda.is_available() and fused.compiled_kernels_enabled(torch.zeros(1, device="cuda"))

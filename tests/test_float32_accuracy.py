@@ -11,7 +11,6 @@ of 1e4 is 1e-3) and rows whose student tail holds nearly all the mass (q_tail â†
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from amid.bins import student_bins
 from amid.fused import fused_sparse_loss
 from amid.losses import PRESETS, LossConfig, sparse_loss
 from amid.teacher import teacher_topk
+from helpers import compiled_kernels_testable
 
 OFFSETS = (0.0, 100.0, 1e4)
 GRAD_TOL = 1e-5  # max |error| / max |gradient| over the batch; was 3e-5 (q_tail â†’ 1) to 2e-2 (offset 1e4)
@@ -169,13 +169,7 @@ def test_teacher_bins_float32_match_float64(offset):
     assert top_err < 2e-6 and tail_err < 2e-6, (top_err, tail_err)
 
 
-def _compiled_ok() -> bool:
-    if os.environ.get("AMID_TEST_COMPILE") == "1":
-        return True
-    return torch.cuda.is_available() and fused.compiled_kernels_enabled(torch.zeros(1, device="cuda"))
-
-
-@pytest.mark.skipif(not _compiled_ok(), reason="compiled kernels: CUDA only (AMID_TEST_COMPILE=1 forces on CPU)")
+@pytest.mark.skipif(not compiled_kernels_testable(), reason="compiled kernels: CUDA only (AMID_TEST_COMPILE=1 forces on CPU)")
 @pytest.mark.parametrize("preset", ["rkl", "abkd"])
 def test_compiled_kernels_keep_the_accuracy(preset, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,6 @@
 """fused_sparse_loss against sparse_loss on materialised logits: values and gradients."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from amid import bins, fused
 from amid.fused import fused_sparse_loss
 from amid.losses import PRESETS, LossConfig, sparse_loss
+from helpers import compiled_kernels_testable
 
 MODES = ("recompute", "forward")
 
@@ -194,13 +194,7 @@ def test_rejects_bad_shapes():
         fused_sparse_loss(hidden, weight, bias, ids, top, tail, cfg, mode="nope")
 
 
-def _compiled_ok() -> bool:
-    if os.environ.get("AMID_TEST_COMPILE") == "1":
-        return True
-    return torch.cuda.is_available() and fused.compiled_kernels_enabled(torch.zeros(1, device="cuda"))
-
-
-@pytest.mark.skipif(not _compiled_ok(), reason="compiled kernels: CUDA only (AMID_TEST_COMPILE=1 forces on CPU)")
+@pytest.mark.skipif(not compiled_kernels_testable(), reason="compiled kernels: CUDA only (AMID_TEST_COMPILE=1 forces on CPU)")
 @pytest.mark.parametrize("preset", ["amid", "abkd"])
 def test_compiled_kernels_match(preset, monkeypatch):
     device = "cuda" if torch.cuda.is_available() else "cpu"
