@@ -303,8 +303,9 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Write eval.json (and generations.jsonl) here.")
+@click.option("--quiet", is_flag=True, help="No progress bars (transformers' own, while loading).")
 @friendly_errors
-def eval_cmd(seeds: str, **options) -> None:
+def eval_cmd(seeds: str, quiet: bool, **options) -> None:
     """Perplexity on the target tokens of a dataset; with --rouge, ROUGE-L of sampled generations.
 
     \b
@@ -313,7 +314,9 @@ def eval_cmd(seeds: str, **options) -> None:
     """
     from amid.evaluate import EvalConfig, evaluate
 
-    result = evaluate(EvalConfig(seeds=tuple(int(x) for x in _floats(seeds)), **options))
+    _quiet_transformers(quiet)
+    result = evaluate(EvalConfig(seeds=tuple(int(x) for x in _floats(seeds)), **options),
+                      log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result, indent=2))
 
 
@@ -339,6 +342,8 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--stop-grad-r/--no-stop-grad-r", default=None, help="Detach the student inside r (TAID does).")
 @click.option("--lr", default=5e-5, show_default=True, help="Peak learning rate (AdamW).")
 @click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--min-lr-ratio", default=0.1, show_default=True,
+              help="Cosine/linear schedules decay to lr x this (the constant one stays at lr).")
 @click.option("--warmup", "warmup_steps", type=int, default=None, help="Warmup steps. [3% of the steps]")
 @click.option("--weight-decay", default=0.01, show_default=True)
 @click.option("--batch-size", default=8, show_default=True, help="Sequences per batch.")
@@ -348,7 +353,10 @@ from amid.losses import PRESETS  # noqa: E402  (torch is loaded by `import amid`
 @click.option("--epochs", default=1, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps; overrides --epochs.")
 @click.option("--eval-every", default=500, show_default=True, help="Steps between held-out evaluations.")
-@click.option("--eval-fraction", default=0.05, show_default=True, help="Share of the cache held out (by example id).")
+@click.option("--eval-fraction", default=0.05, show_default=True,
+              help="Share of the cache held out (by example id; never trained on).")
+@click.option("--eval-max-examples", default=1000, show_default=True,
+              help="Held-out examples each evaluation uses, at most (a fixed choice, by a hash of example id).")
 @click.option("--eval-cache", default=None, type=click.Path(file_okay=False), help="Evaluate on this cache instead.")
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--save-every", default=500, show_default=True, help="Steps between checkpoints.")
@@ -383,7 +391,8 @@ def train_cmd(quiet: bool, **options) -> None:
     """Distill a student from a teacher cache with AMiD (or a classic preset).
 
     Writes RUN_DIR/config.json, metrics.jsonl (loss, lr, tokens/s; eval_kl, eval_ppl), checkpoint/
-    (resumable with --resume) and final/ (loadable by transformers' from_pretrained).
+    (resumable with --resume), final/ (loadable by transformers' from_pretrained; every amid
+    command takes RUN_DIR for it) and summary.json (the run's last figures).
 
     Several GPUs: launch it with torchrun, one process per GPU. Each step then takes
     --grad-accum batches on every GPU (the steps of one process with --grad-accum x GPUs,

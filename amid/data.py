@@ -116,6 +116,7 @@ class BuildStats:
     truncated: int = 0
     skipped_too_long: int = 0
     skipped_empty: int = 0
+    cut_by_length: int = 0  # of skipped_empty: targets there, all past --max-length
     first_empty: str | None = None  # where the first record without a target came from
 
 
@@ -125,8 +126,8 @@ class BuildStats:
 
 @dataclass
 class Locations:
-    """Where each record of JSON files sits: file index and line (JSON Lines) or element (a JSON
-    array), two ints per record."""
+    """Where each record of JSON or text files sits: file index and line (JSON Lines, text) or
+    element (a JSON array), two ints per record."""
 
     files: list[str]
     arrays: list[bool]  # per file: a JSON array (numbers are elements) or JSON Lines (line numbers)
@@ -144,7 +145,8 @@ class Locations:
 
 class Records(list):
     """A list of records that can say where record i came from (`where(i)`: "FILE:LINE" for
-    JSON Lines, "FILE (element i)" for a JSON array, "SOURCE record i" (1-based) otherwise)."""
+    JSON Lines and text, "FILE (element i)" for a JSON array, "SOURCE record i" (1-based)
+    otherwise)."""
 
     def __init__(self, records: Iterable[dict[str, Any]], source: str, locations: Locations | None = None):
         super().__init__(records)
@@ -210,6 +212,13 @@ def _load_local(path: Path, split: str) -> tuple[list[dict[str, Any]], Locations
             locations.arrays.append(is_array)
             locations.file_of.extend([i] * len(numbers))
             locations.number_of.extend(numbers)
+        n_records = len(locations)
+    elif builder == "text":  # one record per line, as `datasets` splits them (universal newlines)
+        locations = Locations([str(f) for f in files], [False] * len(files), array.array("l"), array.array("l"))
+        for i, f in enumerate(files):
+            n = _text_lines(f)
+            locations.file_of.extend([i] * n)
+            locations.number_of.extend(range(1, n + 1))
         n_records = len(locations)
     else:
         n_records = sum(f.stat().st_size for f in files)  # nonzero unless every file is empty
@@ -308,6 +317,15 @@ def _refuse_one_object(path: Path) -> None:
         keys = ", ".join(list(data)[:5])
         raise DataError(f"{path}: holds one JSON object (keys: {keys}), not records; write one object per line "
                         f"(JSON Lines) or an array of objects")
+
+
+def _text_lines(path: Path) -> int:
+    """Lines of a text file, each checked to be UTF-8 (a DataError names the first that is not)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            _utf8(raw, path, lineno)
+    with open(path, encoding="utf-8-sig") as fh:  # universal newlines: "\r" alone ends a line too
+        return sum(1 for _ in fh)
 
 
 def _utf8(raw: bytes, path: Path, lineno: int) -> str:
@@ -625,13 +643,14 @@ def _wants_bos(tokenizer) -> bool:
 
 
 def build_examples(
-    records: Iterable[dict[str, Any]], tokenizer, cfg: TemplateConfig, source: str
+    records: Iterable[dict[str, Any]], tokenizer, cfg: TemplateConfig, source: str, context: int | None = None
 ) -> tuple[list[Example], BuildStats, str]:
     """Tokenize every record; returns (examples, stats, resolved template).
 
     Examples longer than cfg.max_length are refused (overflow="error", naming the file and line),
     truncated (keeping the prompt's start) or skipped. Records without any target (empty text or
-    response, or a prompt that fills --max-length) are skipped and counted.
+    response, or a prompt that fills --max-length) are skipped and counted. `context`, the
+    model's longest sequence if known, only shapes the hints of the errors.
     """
     if not isinstance(records, list):
         records = list(records)
@@ -646,27 +665,39 @@ def build_examples(
             stats.first_empty = stats.first_empty or where(records, index, source)
             continue
         ids, spans = encoded
+        cut = False
         if len(ids) > cfg.max_length:
             if cfg.overflow == "error":
-                raise DataError(
-                    f"{where(records, index, source)}: the example has {len(ids)} tokens, more than --max-length "
-                    f"{cfg.max_length}; raise --max-length or pass --overflow truncate / --overflow skip"
-                )
+                fix = (f"the model's context is {context}: pass --max-length {context} with --overflow truncate or "
+                       f"--overflow skip" if context and context < len(ids) else
+                       "raise --max-length or pass --overflow truncate / --overflow skip")
+                raise DataError(f"{where(records, index, source)}: the example has {len(ids)} tokens, more than "
+                                f"--max-length {cfg.max_length}; {fix}")
             if cfg.overflow == "skip":
                 stats.skipped_too_long += 1
                 continue
             ids = ids[: cfg.max_length]
             stats.truncated += 1
+            cut = True
         # Position t - 1 predicts token t: every target token after the first token of the sequence.
         positions = [t - 1 for start, end in spans for t in range(max(start, 1), min(end, len(ids)))]
         if not positions:
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)
+            stats.cut_by_length += cut  # its targets lay past --max-length
             continue
         examples.append(Example(example_id=index, input_ids=ids, positions=positions))
     stats.examples = len(examples)
     if not examples:
-        raise DataError(f"{source}: no example has a target token after templating; check the fields")
+        if stats.skipped_too_long == stats.records:
+            raise DataError(f"{source}: every example is longer than --max-length {cfg.max_length}, and --overflow "
+                            f"skip drops them; raise --max-length or pass --overflow truncate")
+        if stats.skipped_empty and stats.cut_by_length == stats.skipped_empty:
+            raise DataError(f"{source}: no example keeps a target token within --max-length {cfg.max_length} (the "
+                            f"prompts fill it); raise --max-length")
+        raise DataError(f"{source}: no example has a target token after templating; check the fields"
+                        + (f" ({stats.cut_by_length} lost theirs to --max-length {cfg.max_length})"
+                           if stats.cut_by_length else ""))
     return examples, stats, template
 
 

@@ -219,31 +219,26 @@ class EvalConfig:
                              f"{self.max_length} and {self.max_new_tokens}")
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Perplexity (and ROUGE-L if asked) of a model directory or a run directory's final model."""
+def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict[str, Any]:
+    """Perplexity (and ROUGE-L if asked) of a model directory or a run directory's final model.
+    `log` gets notes (an earlier evaluation replaced in --out)."""
     from amid.cache import write_json_atomic
     from amid.distributed import world_from_env
 
     if world_from_env()[2] > 1:  # every rank would evaluate everything and write the same files
         raise ValueError("amid eval runs in one process; run it without torchrun (--device picks the GPU)")
-    path = Path(cfg.model)
-    for sub in ("final", "checkpoint"):  # a run directory: its final model, else its last checkpoint
-        if (path / sub / "config.json").exists():
-            path = path / sub
-            break
-    from amid.models import check_model_name, load_model, load_tokenizer
+    from amid.models import load_model, load_tokenizer, resolve_model
     from amid.teacher import resolve_device
 
-    check_model_name(cfg.model, "--model")
     device = resolve_device(cfg.device)
-    source = str(path) if path.exists() else cfg.model
-    tokenizer = load_tokenizer(source, "--model")
-    model = load_model(source, "--model").to(device)
+    # A run directory gives its final model, else its last checkpoint (amid.models.resolve_model).
+    tokenizer = load_tokenizer(cfg.model, "--model")
+    model = load_model(cfg.model, "--model").to(device)
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
                               response_field=cfg.response_field, text_field=cfg.text_field,
                               messages_field=cfg.messages_field,
                               max_length=cfg.max_length, overflow="truncate")
-    result: dict[str, Any] = {"model": cfg.model, "model_dir": str(path) if path.exists() else cfg.model,
+    result: dict[str, Any] = {"model": cfg.model, "model_dir": resolve_model(cfg.model),
                               "data": cfg.data}
     result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device, split=cfg.split))
     if cfg.rouge:
@@ -253,8 +248,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                                      device=device, save_to=save, chat=cfg.template == "chat", split=cfg.split,
                                      messages_field=cfg.messages_field))
     if cfg.out:
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        if not cfg.rouge:  # an earlier evaluation's generations would pass for this one's
-            (Path(cfg.out) / "generations.jsonl").unlink(missing_ok=True)
-        write_json_atomic(Path(cfg.out) / "eval.json", result)
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stale = not cfg.rouge and (out / "generations.jsonl").exists()
+        if stale:  # an earlier evaluation's generations would pass for this one's
+            (out / "generations.jsonl").unlink()
+        if (out / "eval.json").exists() or stale:
+            log(f"note: {out / 'eval.json'} replaced an earlier evaluation's"
+                + (" (its generations.jsonl removed: this one has no --rouge)" if stale else ""))
+        write_json_atomic(out / "eval.json", result)
     return result

@@ -13,7 +13,11 @@ from pathlib import Path
 
 from amid.errors import first_line
 
-__all__ = ["ModelError", "check_model_name", "load_tokenizer", "load_model"]
+__all__ = ["ModelError", "check_model_name", "resolve_model", "load_tokenizer", "load_model"]
+
+# Files one of which a saved tokenizer has (fast, SentencePiece, BPE or WordPiece vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
 
 
 class ModelError(ValueError):
@@ -21,21 +25,58 @@ class ModelError(ValueError):
 
 
 def check_model_name(name: str, what: str) -> None:
-    """ModelError for a local-looking model path that does not exist ("./x", "../x", "/x"), or
-    one starting with "~" (which transformers does not expand): transformers would take it for
-    a hub name and fail with an unrelated message. Other names ("gpt2", "owner/name") may be hub
-    names and are left to transformers."""
+    """ModelError for a local-looking model path that does not exist, or one starting with "~"
+    (which transformers does not expand): transformers would take it for a hub name and fail
+    with an unrelated message, after a minute of retries offline. Local-looking: "./x", "../x",
+    "/x", more than one "/" (a hub name is "name" or "owner/name"), or a first part that is a
+    directory here ("runs/typo" beside runs/). Other names are left to transformers."""
     if name.startswith("~"):
         raise ModelError(f"{what} {name}: '~' is not expanded here; pass {Path(name).expanduser()}")
-    if name.startswith(("./", "../", "/", ".\\")) and not Path(name).is_dir():
-        raise ModelError(f"{what} {name}: no such local model directory")
+    path = Path(name)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ModelError(f"{what} {name}: a file, not a model directory")
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("./", "../", "/", ".\\")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+        raise ModelError(f"{what} {name}: no such local model directory"
+                         + (f" ({parts[0]}/ exists here, so this is not taken for a hub name)"
+                            if len(parts) == 2 and Path(parts[0]).is_dir() else ""))
+
+
+def resolve_model(name: str) -> str:
+    """The model an amid run directory holds (its final/, else its last checkpoint/) for a run
+    directory; any other name as it is."""
+    path = Path(name)
+    if path.is_dir() and not (path / "model.safetensors").exists():
+        for sub in ("final", "checkpoint"):
+            if (path / sub / "config.json").is_file():
+                return str(path / sub)
+    return name
+
+
+def _check_local_dir(name: str, what: str, need: str) -> None:
+    # A directory transformers cannot use, named for what it is instead of by a library message.
+    path = Path(name)
+    if not path.is_dir():
+        return
+    if (path / "manifest.json").is_file() and (path / "examples").is_dir():
+        raise ModelError(f"{what} {name}: an amid cache, not a model (a cache goes to --cache)")
+    if need == "tokenizer" and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{what} {name}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); save the "
+                         f"tokenizer beside the model (tokenizer.save_pretrained({name!r}))")
+    if need == "model" and not (path / "config.json").is_file():
+        raise ModelError(f"{what} {name}: no config.json; not a saved transformers model (model.save_pretrained)")
 
 
 def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
-    """AutoTokenizer.from_pretrained(name), or a ModelError naming `what` (e.g. "--student")."""
+    """AutoTokenizer.from_pretrained(name) (a run directory: its model's, `resolve_model`), or a
+    ModelError naming `what` (e.g. "--student")."""
     from transformers import AutoTokenizer
 
     check_model_name(name, what)
+    name = resolve_model(name)
+    _check_local_dir(name, what, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: what transformers raises varies by what is missing
@@ -43,11 +84,14 @@ def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
 
 
 def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
-    """AutoModelForCausalLM.from_pretrained(name, **kwargs) with every weight from the checkpoint,
-    or a ModelError naming `what`: a directory that cannot be loaded, or weights it lacks."""
+    """AutoModelForCausalLM.from_pretrained(name, **kwargs) (a run directory: its model's,
+    `resolve_model`) with every weight from the checkpoint, or a ModelError naming `what`: a
+    directory that cannot be loaded, or weights it lacks."""
     from transformers import AutoModelForCausalLM
 
     check_model_name(name, what)
+    name = resolve_model(name)
+    _check_local_dir(name, what, "model")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True, **kwargs)

@@ -169,7 +169,8 @@ def device_slots(devices: tuple[str, ...], environ: Mapping[str, str] = os.envir
         index = None if entry == "cpu" else int(match.group(1) or 0)
         if index in seen:
             raise ValueError(f"--devices {seen[index]} and {entry}: the same device twice"
-                             f"{' (cuda is cuda:0)' if 'cuda' in (seen[index], entry) else ''}; name each once")
+                             f"{' (cuda is cuda:0)' if 'cuda' in (seen[index], entry) else ''}; name each once"
+                             f"{' (a run on the CPU uses all its cores already)' if index is None else ''}")
         seen[index] = entry
         if index is None:
             slots.append((entry, {}, "cpu"))
@@ -372,7 +373,10 @@ def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log, slots=None) -
                 tail = (d / "log.txt").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 if stop.requested and proc.returncode in STOPPED:
                     interrupted += 1  # no result: the next sweep resumes it from its checkpoint
-                    log(f"  [{done}/{len(pending)}] {run['name']}: stopped ({tail[0][:300]})")
+                    # The run's own line ends "continue with the same command and --resume": that is
+                    # amid train's advice; here rerunning the sweep is (said once, at the end).
+                    said = tail[0].split("; continue with")[0]
+                    log(f"  [{done}/{len(pending)}] {run['name']}: stopped ({said[:300]})")
                 elif proc.returncode != 0 or not (d / "result.json").exists():
                     # Killed by a signal, the log's last line is whatever the run printed before (a progress bar).
                     error = _killed(proc.returncode) if proc.returncode < 0 else tail[0]

@@ -34,7 +34,7 @@ from amid.data import DataError, Example, TemplateConfig, build_examples, iter_b
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.lock import DirLock
-from amid.models import load_model, load_tokenizer
+from amid.models import load_model, load_tokenizer, resolve_model
 from amid.paths import same_path
 from amid.loader import pad_examples
 
@@ -118,11 +118,12 @@ def model_identity(name_or_path: str, model) -> dict[str, Any]:
     return ident
 
 
-def _same_spelling(mine: str, theirs: Any) -> str:
-    """`theirs` where both name one existing file or directory (relative vs absolute, a symlink):
-    the cache's identity keeps the spelling it was started with. The contents are compared by
-    hash (weights, tokenized examples) either way."""
-    return theirs if isinstance(theirs, str) and same_path(mine, theirs) else mine
+def _same_spelling(mine: str, theirs: Any, same_content: bool) -> str:
+    """`theirs` where both name one existing file or directory (relative vs absolute, a symlink),
+    or where the contents they name hash the same (a relative path given from another directory,
+    a copy of the teacher): the cache's identity keeps the spelling it was started with. The
+    contents are compared by hash (weights, tokenized examples) either way."""
+    return theirs if isinstance(theirs, str) and (same_content or same_path(mine, theirs)) else mine
 
 
 def architecture(model) -> dict[str, Any]:
@@ -223,12 +224,25 @@ def _writer_alive(temporary: Path) -> bool:
     return True
 
 
+def _config_context(teacher: str, trust_remote_code: bool) -> int | None:
+    # The teacher's context from its config alone (the weights load after the data is checked), for
+    # the hints of data errors; None where it cannot be read (the model's loading says why, later).
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model(teacher), trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, world: int) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.teacher, "--teacher", cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
-    examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data)
+    examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data,
+                                               _config_context(cfg.teacher, cfg.trust_remote_code))
     if stats.skipped_empty and rank == 0:
         log(f"note: {stats.skipped_empty} of {stats.records} records have no target token (an empty response "
             f"or text, or a prompt that fills --max-length) and are skipped; the first: {stats.first_empty}")
@@ -245,6 +259,9 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
             f"more than the teacher's context of {context}; pass --max-length {context} (with --overflow "
             f"truncate or skip)"
         )
+    if cfg.top_k > vocab_size and rank == 0:
+        log(f"note: --top-k {cfg.top_k} is more than the teacher's {vocab_size} output logits: every token is "
+            f"cached (k = {vocab_size}, no tail)")
     if vocab_size < len(tokenizer):
         raise DataError(
             f"{cfg.teacher}: model has {vocab_size} output logits but its tokenizer {len(tokenizer)} tokens"
@@ -264,15 +281,20 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     # How the values were computed belongs to the identity: a resume with another --dtype (or by an
     # amid that computes the head differently) must not mix its shards with these.
     teacher_dtype = str(dtype).replace("torch.", "")
-    teacher_ident = {**model_identity(cfg.teacher, model), "dtype": teacher_dtype, "logits": logits.mode}
+    teacher_ident = {**model_identity(resolve_model(cfg.teacher), model), "dtype": teacher_dtype,
+                     "logits": logits.mode}
     # Foreign entries are listed before the header is read: under torchrun another rank may create
     # its first progress file in between, and an entry that appears after must not look foreign.
     foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
     old = existing_header(out) if out.exists() else None
     if old is not None:  # a rerun may spell the same data file or teacher directory another way
-        data_ident["source"] = _same_spelling(data_ident["source"], (old.get("data") or {}).get("source"))
-        teacher_ident["name_or_path"] = _same_spelling(teacher_ident["name_or_path"],
-                                                       (old.get("teacher") or {}).get("name_or_path"))
+        old_data, old_teacher = old.get("data") or {}, old.get("teacher") or {}
+        data_ident["source"] = _same_spelling(
+            data_ident["source"], old_data.get("source"), old_data.get("examples_sha256") == data_ident["examples_sha256"])
+        weights = teacher_ident.get("weights_sha256")
+        teacher_ident["name_or_path"] = _same_spelling(
+            teacher_ident["name_or_path"], old_teacher.get("name_or_path"),
+            weights is not None and old_teacher.get("weights_sha256") == weights)
     header = make_header(
         teacher=teacher_ident, tokenizer=tokenizer_identity(tokenizer), k=min(cfg.top_k, vocab_size),
         temperature=cfg.temperature, data=data_ident, vocab_size=vocab_size,

@@ -778,7 +778,12 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     check_compatible(cfg.student, model, tokenizer, cache)
     log(f"amid train: config {json.dumps(cfg.to_dict())}")
     loss = cfg.loss
-    if cfg.alpha is not None and loss.lam in (0.0, 1.0) and loss.lam_end is None:
+    unused = [f for f in LOSS_FIELDS if f != "ce_weight" and getattr(cfg, f) is not None]
+    if loss.ce_weight == 1.0 and unused:
+        flags = ", ".join("--" + f.replace("_", "-") for f in unused)
+        log(f"note: {flags} {'has' if len(unused) == 1 else 'have'} no effect here: with --ce-weight 1 (preset "
+            f"{cfg.preset}) the loss is plain cross-entropy on the ground-truth tokens, with no teacher term")
+    elif cfg.alpha is not None and loss.lam in (0.0, 1.0) and loss.lam_end is None:
         log(f"note: --alpha {cfg.alpha} has no effect here: with λ = {loss.lam:g} (preset {cfg.preset}) the mixture is "
             f"the {'student' if loss.lam == 0 else 'teacher'} whatever α is; pass --lam between 0 and 1, or --preset amid")
     amp_dtype = resolve_dtype(cfg.dtype, device)

@@ -3,7 +3,7 @@
     python -m pipelines.demo [--out demo_out] [--seed 0] [--quick]
 
 1. Data: instruction pairs built from the Python documentation every CPython install carries
-   (`pydoc_data.topics`): prompt "Explain the Python topic: …", response one paragraph of it.
+   (`pydoc_data.topics`): prompt "### Topic: … / ### Explanation:" (two lines), response one paragraph of it.
 2. Tokenizer: a 1,024-token byte-level BPE trained on that text with `tokenizers`.
 3. Teacher: a small Llama (~0.9M parameters) trained from scratch on the pairs.
 4. Stage one: `cache_teacher` writes its top-k cache (k = 32).

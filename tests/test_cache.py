@@ -173,6 +173,10 @@ def test_padded_vocab_ids_use_uint16_and_tail_exact_with_k_near_vocab(teachers, 
     import pyarrow.parquet as pq
 
     assert str(pq.read_schema(cache.shard_path(0, "topk")).field("topk_id").type) == "uint16"
+    logs: list[str] = []  # a k beyond the vocabulary is every token, and says so
+    whole = cache_teacher(CacheConfig(teacher=str(teachers["qwen2"]), data=str(data_files["text"]),
+                                      out=str(tmp_path / "all"), top_k=5000, limit=1), progress=False, log=logs.append)
+    assert whole["k"] == 320 and "note: --top-k 5000 is more than the teacher's 320 output logits" in "\n".join(logs)
     for ex in cache:
         with torch.no_grad():
             ref = torch.log_softmax(model(ex["input_ids"][None]).logits[0].double(), -1)[ex["positions"]]
@@ -881,9 +885,23 @@ def test_another_spelling_of_the_same_data_and_teacher_is_the_same_cache(teacher
                           progress=False, log=logs.append)
     assert any("already complete" in m for m in logs) and again["fingerprint"] == first["fingerprint"]
     assert again["data"]["source"] == "inst.jsonl" and again["teacher"]["name_or_path"] == "teacher-link"
+    # From another directory the relative spellings name nothing (the run was started elsewhere), and
+    # a copy of the data or of the teacher is another path: the same tokenized examples and teacher
+    # weights are the same cache all the same.
+    shutil.copytree(teachers["gpt2"], tmp_path / "teacher-copy")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     (tmp_path / "other.jsonl").write_text((tmp_path / "inst.jsonl").read_text())  # equal bytes, another file
+    logs.clear()
+    again = cache_teacher(CacheConfig(teacher=str(tmp_path / "teacher-copy"), data=str(tmp_path / "other.jsonl"),
+                                      out=str(tmp_path / "cache"), examples_per_shard=4, batch_size=3),
+                          progress=False, log=logs.append)
+    assert any("already complete" in m for m in logs) and again["data"]["source"] == "inst.jsonl"
+    lines = (tmp_path / "inst.jsonl").read_text().splitlines()
+    (tmp_path / "other.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same records, other order
     with pytest.raises(CacheError, match="different data"):
-        run_cache(teacher="teacher-link", data="other.jsonl", out="cache", examples_per_shard=4, batch_size=3)
+        run_cache(teacher=str(tmp_path / "teacher-copy"), data=str(tmp_path / "other.jsonl"),
+                  out=str(tmp_path / "cache"), examples_per_shard=4, batch_size=3)
 
 
 def test_refusal_names_the_data_setting_that_changed(teachers, data_files, gpt2_cache):

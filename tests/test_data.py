@@ -171,8 +171,22 @@ def test_max_length_error_truncate_skip(tok):
     assert len(enc(tok, recs[1]["prompt"])) >= n_short
     exs, stats, _ = build_examples(recs, tok, TemplateConfig(max_length=n_short, overflow="truncate"), "src")
     assert [e.example_id for e in exs] == [0] and stats.skipped_empty == 1 and stats.truncated == 1
+    assert stats.cut_by_length == 1
     with pytest.raises(ValueError):
         TemplateConfig(overflow="drop")
+    # When nothing is left the error names the length, not the fields; with the model's context
+    # shorter than the example, the hint is that context, not "raise --max-length".
+    with pytest.raises(DataError, match=r"src: no example keeps a target token within --max-length 3 \(the prompts "
+                                        r"fill it\); raise --max-length"):
+        build_examples(recs, tok, TemplateConfig(max_length=3, overflow="truncate"), "src")
+    with pytest.raises(DataError, match=r"src: every example is longer than --max-length 3, and --overflow skip"):
+        build_examples(recs, tok, TemplateConfig(max_length=3, overflow="skip"), "src")
+    with pytest.raises(DataError, match=rf"src record 2: .* more than --max-length {limit}; the model's context is "
+                                        rf"{limit - 1}: pass --max-length {limit - 1} with --overflow truncate"):
+        build_examples(recs, tok, TemplateConfig(max_length=limit), "src", context=limit - 1)
+    with pytest.raises(DataError, match=r"check the fields \(1 lost theirs to --max-length"):
+        build_examples([recs[1], {"prompt": "p", "response": ""}], tok,
+                       TemplateConfig(max_length=n_short, overflow="truncate"), "src")
 
 
 def test_iter_batches_cover_each_example_once(tok):
@@ -313,6 +327,15 @@ def test_records_know_their_file_and_line(tmp_path):
     bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff\xfe"}\n')
     with pytest.raises(DataError, match=rf"{bad}:2: not UTF-8 text \(byte 0xff at column 13\)"):
         load_records(str(bad))
+    # Text files: a record per line, named by its line (universal newlines, as datasets reads them).
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"one\ntwo\r\nthree\rfour\n\nsix")
+    records = load_records(str(text))
+    assert [r["text"] for r in records] == ["one", "two", "three", "four", "", "six"]
+    assert [records.where(i) for i in (0, 5)] == [f"{text}:1", f"{text}:6"]
+    text.write_bytes(b"fine\nnot \xff fine\n")
+    with pytest.raises(DataError, match=rf"{text}:2: not UTF-8 text \(byte 0xff at column 5\)"):
+        load_records(str(text))
 
 
 def test_records_without_a_response_are_skipped_and_counted(tok, tmp_path):
@@ -451,7 +474,7 @@ def test_unreadable_csv_and_text_name_the_reason(tmp_path):
     with pytest.raises(DataError, match="Expected 2 fields in line 3"):
         load_records(str(tmp_path / "ragged.csv"))
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(DataError, match="can't decode byte 0xe9"):
+    with pytest.raises(DataError, match=r"latin1.txt:1: not UTF-8 text \(byte 0xe9 at column 4\)"):
         load_records(str(tmp_path / "latin1.txt"))
 
 

@@ -154,3 +154,28 @@ def test_rouge_of_conversations_scores_the_last_assistant_turn(tmp_path):
     want = tok.apply_chat_template(talk[:3], add_generation_prompt=True, tokenize=True)
     want = list(want["input_ids"] if hasattr(want, "keys") else want)
     assert _encode_prompt(tok, talk[:3], chat=True)["input_ids"][0].tolist() == want
+
+
+def test_eval_out_replacing_an_earlier_evaluation_says_so(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from helpers import make_model, train_tokenizer, write_jsonl
+
+    from amid.cli import main
+
+    tok = train_tokenizer(300)
+    model = make_model("llama", 300, tok)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}: ", "response": "answer " * (i + 1)} for i in range(3)])
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tmp_path / "m"), "--data", str(data), "--device", "cpu", "--out", str(out), "--quiet"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and "note:" not in first.stderr, first.output
+    (out / "generations.jsonl").write_text("{}\n")  # as an earlier --rouge evaluation left it
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert (f"note: {out / 'eval.json'} replaced an earlier evaluation's (its generations.jsonl removed: this one "
+            f"has no --rouge)") in again.stderr
+    assert not (out / "generations.jsonl").exists() and json.loads((out / "eval.json").read_text())["examples"] == 3

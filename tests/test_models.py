@@ -53,7 +53,7 @@ def test_a_model_without_its_lm_head_is_refused_not_filled_with_random_weights(m
 
 @pytest.mark.parametrize("name,needle", [
     ("cut", "cannot be loaded as a causal language model"),
-    ("tokenizer_only", "cannot be loaded as a causal language model"),
+    ("tokenizer_only", "tokenizer_only: no config.json; not a saved transformers model"),
 ])
 def test_a_damaged_or_incomplete_model_directory_is_one_line(models, name, needle):
     with pytest.raises(ModelError, match=needle):
@@ -61,8 +61,41 @@ def test_a_damaged_or_incomplete_model_directory_is_one_line(models, name, needl
 
 
 def test_a_directory_without_a_tokenizer_is_named(models):
-    with pytest.raises(ModelError, match=r"--student .*no_tokenizer: its tokenizer cannot be loaded \("):
+    with pytest.raises(ModelError, match=r"--student .*no_tokenizer: no tokenizer files \(tokenizer.json, "
+                                         r"tokenizer_config.json, ...\); save the tokenizer beside the model"):
         load_tokenizer(str(models["root"] / "no_tokenizer"), "--student")
+
+
+def test_a_run_directory_serves_as_its_model_and_other_paths_are_named(models, tmp_path, monkeypatch):
+    import shutil
+
+    from amid.models import check_model_name, resolve_model
+
+    root = models["root"]
+    run = tmp_path / "runs" / "a"
+    (run / "final").mkdir(parents=True)
+    (run / "config.json").write_text('{"loss": {"alpha": 0.5}, "dtype": "auto"}')  # amid's, not a model config
+    for f in (root / "good").iterdir():
+        shutil.copy(f, run / "final" / f.name)
+    assert resolve_model(str(run)) == str(run / "final") and resolve_model("gpt2") == "gpt2"
+    assert load_tokenizer(str(run), "--student") is not None and load_model(str(run), "--student") is not None
+    shutil.move(str(run / "final"), str(run / "checkpoint"))  # a run stopped before its end
+    assert resolve_model(str(run)) == str(run / "checkpoint")
+
+    cache = tmp_path / "cache"
+    (cache / "examples").mkdir(parents=True)
+    (cache / "manifest.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"--student .*cache: an amid cache, not a model \(a cache goes to --cache\)"):
+        load_tokenizer(str(cache), "--student")
+
+    monkeypatch.chdir(tmp_path)  # "runs/" exists here: runs/typo is a local path, not a hub name
+    with pytest.raises(ModelError, match=r"--model runs/typo: no such local model directory \(runs/ exists here"):
+        check_model_name("runs/typo", "--model")
+    with pytest.raises(ModelError, match=r"--model s3/runs/x: no such local model directory$"):
+        check_model_name("s3/runs/x", "--model")  # two slashes: no hub name
+    with pytest.raises(ModelError, match=r"--teacher runs/a/config.json: a file, not a model directory"):
+        check_model_name("runs/a/config.json", "--teacher")
+    check_model_name("owner/name", "--teacher")  # may be a hub name: transformers' to judge
 
 
 def test_every_command_refuses_them_in_one_line_and_writes_nothing(models, tmp_path):

@@ -160,7 +160,7 @@ def test_ctrl_c_stops_the_sweep_with_checkpoints_and_a_rerun_finishes_it(world, 
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert "kd: stopped (Stopped: SIGINT at step" in err, err
+    assert "kd: stopped (Stopped: SIGINT at step" in err and "--resume" not in err, err  # the sweep's rerun resumes
     assert err.strip().splitlines()[-1].startswith(
         f"Stopped: {out}: SIGINT: 0 of 2 runs finished this time (1 stopped with their checkpoints)"), err
     assert not (out / "runs" / "kd" / "result.json").exists()  # not recorded as failed

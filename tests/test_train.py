@@ -989,6 +989,10 @@ def test_an_alpha_that_cannot_matter_is_noted(world, tmp_path):
     logs.clear()
     train(config(world, tmp_path / "amid", preset="amid", alpha=0.5, max_steps=1), log=logs.append)
     assert not any("has no effect" in m for m in logs)
+    train(config(world, tmp_path / "ce", preset="ce", alpha=0.3, lam=0.5, max_steps=1), log=logs.append)
+    assert any("note: --alpha, --lam have no effect here: with --ce-weight 1 (preset ce) the loss is plain "
+               "cross-entropy" in m for m in logs), logs
+    assert not any("pass --lam between 0 and 1" in m for m in logs)
 
 
 def test_a_fresh_run_that_loses_the_race_for_a_new_directory_writes_nothing(world, tmp_path, monkeypatch):
