@@ -195,7 +195,7 @@ def sparse_loss(
         topk_logprobs: [N, k] teacher log-probabilities of those ids under its full softmax.
         tail_logmass: [N] teacher log(1 − Σ_{x∈S} p(x)); −inf if the top-k hold all the mass.
         config: the objective.
-        check_ids: check the targets (one host sync): refuse a row that names an id twice, or
+        check_ids: check the targets (two host syncs): refuse a row that names an id twice, or
             whose k + 1 teacher bins are not a distribution (`check_teacher_bins`). The trainer
             passes False for a cache's targets, written by cache-teacher and covered by the
             shards' checksums.

@@ -9,6 +9,7 @@ LM with a random head), so a teacher would be cached, or a student trained, from
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from amid.errors import first_line
@@ -46,13 +47,21 @@ def check_model_name(name: str, what: str) -> None:
 
 def resolve_model(name: str) -> str:
     """The model an amid run directory holds (its final/, else its last checkpoint/) for a run
-    directory; any other name as it is."""
+    directory; any other name (a model directory: its config.json names a model_type) as it is."""
     path = Path(name)
-    if path.is_dir() and not (path / "model.safetensors").exists():
-        for sub in ("final", "checkpoint"):
-            if (path / sub / "config.json").is_file():
-                return str(path / sub)
+    if not path.is_dir() or _is_model_config(path / "config.json"):
+        return name
+    for sub in ("final", "checkpoint"):
+        if _is_model_config(path / sub / "config.json"):
+            return str(path / sub)
     return name
+
+
+def _is_model_config(path: Path) -> bool:
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _check_local_dir(name: str, what: str, need: str) -> None:
