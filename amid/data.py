@@ -320,12 +320,19 @@ def _refuse_one_object(path: Path) -> None:
 
 
 def _text_lines(path: Path) -> int:
-    """Lines of a text file, each checked to be UTF-8 (a DataError names the first that is not)."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            _utf8(raw, path, lineno)
-    with open(path, encoding="utf-8-sig") as fh:  # universal newlines: "\r" alone ends a line too
-        return sum(1 for _ in fh)
+    """Lines of a text file as `datasets` reads them (universal newlines: "\r\n", "\r" and "\n"),
+    each checked to be UTF-8 (a DataError names the first that is not). Streams the file."""
+    n = 0
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:  # bad bytes: lone surrogates
+        for n, line in enumerate(fh, 1):
+            bad = _UNDECODED.search(line)
+            if bad:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
+                                f"{bad.start() + 1}); save the file as UTF-8")
+    return n
+
+
+_UNDECODED = re.compile("[\udc80-\udcff]")
 
 
 def _utf8(raw: bytes, path: Path, lineno: int) -> str:

@@ -36,25 +36,40 @@ def check_model_name(name: str, what: str) -> None:
     path = Path(name)
     if path.is_dir():
         return
-    if path.exists():
-        raise ModelError(f"{what} {name}: a file, not a model directory")
     parts = name.replace("\\", "/").split("/")
-    if name.startswith(("./", "../", "/", ".\\")) or len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir()):
+    local_first = len(parts) == 2 and Path(parts[0]).is_dir() and not _holds_models(Path(parts[0]))
+    if name.startswith(("./", "../", "/", ".\\")) or len(parts) > 2 or local_first:
+        if path.exists():
+            raise ModelError(f"{what} {name}: a file, not a model directory")
         raise ModelError(f"{what} {name}: no such local model directory"
-                         + (f" ({parts[0]}/ exists here, so this is not taken for a hub name)"
-                            if len(parts) == 2 and Path(parts[0]).is_dir() else ""))
+                         + (f" ({parts[0]}/ exists here and holds no models, so this is not taken for a hub name)"
+                            if local_first else ""))
+
+
+def _holds_models(folder: Path, look: int = 200) -> bool:
+    # A folder of model directories ("Qwen/" after a download to Qwen/Qwen2-1.5B): "Qwen/other"
+    # may then still be a hub name. Runs, sweeps and data hold none.
+    try:
+        return any(_is_model_config(child / "config.json") for _, child in zip(range(look), folder.iterdir()))
+    except OSError:
+        return False
 
 
 def resolve_model(name: str) -> str:
-    """The model an amid run directory holds (its final/, else its last checkpoint/) for a run
-    directory; any other name (a model directory: its config.json names a model_type) as it is."""
+    """The model an amid run directory holds: its final/, or its checkpoint/ where that is newer
+    (none yet, or a finished run resumed for more steps); any other name (a model directory: its
+    config.json names a model_type) as it is."""
     path = Path(name)
     if not path.is_dir() or _is_model_config(path / "config.json"):
         return name
-    for sub in ("final", "checkpoint"):
-        if _is_model_config(path / sub / "config.json"):
-            return str(path / sub)
-    return name
+    found = [path / sub for sub in ("final", "checkpoint") if _is_model_config(path / sub / "config.json")]
+    if not found:
+        return name
+    return str(max(found, key=lambda d: _weights_mtime(d)))  # max keeps final/ on a tie
+
+
+def _weights_mtime(model_dir: Path) -> float:
+    return max((f.stat().st_mtime for f in model_dir.glob("*.safetensors")), default=0.0)
 
 
 def _is_model_config(path: Path) -> bool:
@@ -71,6 +86,8 @@ def _check_local_dir(name: str, what: str, need: str) -> None:
         return
     if (path / "manifest.json").is_file() and (path / "examples").is_dir():
         raise ModelError(f"{what} {name}: an amid cache, not a model (a cache goes to --cache)")
+    if (path / "metrics.jsonl").is_file() and not _is_model_config(path / "config.json"):
+        raise ModelError(f"{what} {name}: an amid run directory with no final/ or checkpoint/ yet: nothing to load")
     if need == "tokenizer" and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ModelError(f"{what} {name}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); save the "
                          f"tokenizer beside the model (tokenizer.save_pretrained({name!r}))")

@@ -58,7 +58,7 @@ from amid.heads import LOGIT_CHUNK_ELEMENTS, Head, TargetLogits, context_length
 from amid.loader import LMStream, Loader, Plan, Position, collate, scan, split
 from amid.lock import DirLock
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
-from amid.models import load_model, load_tokenizer
+from amid.models import load_model, load_tokenizer, resolve_model
 from amid.paths import same_path, same_setting
 from amid.stop import Interrupted, StopRequest, signal_name
 from amid.teacher import architecture, resolve_device, resolve_dtype, tokenizer_identity
@@ -339,7 +339,8 @@ def _load_teacher(name: str, cfg: TrainConfig, cache: Cache, device, log, flag: 
         raise TrainError(f"teacher {name} is not the cache's teacher ({theirs.get('name_or_path')}): its "
                          f"architecture differs from the one in {cache.path / 'manifest.json'}")
     recorded = theirs.get("name_or_path", name)
-    if not (same_path(name, recorded) or os.path.normpath(name) == os.path.normpath(recorded)):
+    mine = resolve_model(name)  # a run directory: the model in it, as cache-teacher records it
+    if not any(same_path(x, recorded) or os.path.normpath(x) == os.path.normpath(recorded) for x in (name, mine)):
         log(f"note: teacher {name} is not the name the cache {cache.path} was made with "
             f"({theirs.get('name_or_path')}); its weights are taken to be that teacher's")
     return OnlineTeacher(model, float(m.get("temperature", 1.0)))

@@ -336,6 +336,9 @@ def test_records_know_their_file_and_line(tmp_path):
     text.write_bytes(b"fine\nnot \xff fine\n")
     with pytest.raises(DataError, match=rf"{text}:2: not UTF-8 text \(byte 0xff at column 5\)"):
         load_records(str(text))
+    text.write_bytes(b"a\rb\r\xff\rc\n")  # the line as the records count them: lone CRs end lines too
+    with pytest.raises(DataError, match=rf"{text}:3: not UTF-8 text \(byte 0xff at column 1\)"):
+        load_records(str(text))
 
 
 def test_records_without_a_response_are_skipped_and_counted(tok, tmp_path):

@@ -4,6 +4,7 @@ transformers would load anyway (a missing LM head filled with random values) or 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -96,6 +97,27 @@ def test_a_run_directory_serves_as_its_model_and_other_paths_are_named(models, t
     with pytest.raises(ModelError, match=r"--teacher runs/a/config.json: a file, not a model directory"):
         check_model_name("runs/a/config.json", "--teacher")
     check_model_name("owner/name", "--teacher")  # may be a hub name: transformers' to judge
+    # A folder of downloaded models ("Qwen/" holding Qwen/Qwen2-1.5B): a sibling name may be on the hub.
+    shutil.copytree(root / "good", tmp_path / "Qwen" / "Qwen2-1.5B")
+    check_model_name("Qwen/Qwen2-0.5B", "--student")
+    (tmp_path / "gpt2").write_text("not a model")  # a file named like a hub model: the hub's name still
+    check_model_name("gpt2", "--student")
+
+    # A run killed before its first checkpoint has nothing to load; a run resumed past its end has a
+    # newer checkpoint/ than its final/, and that is the model it holds now.
+    killed = tmp_path / "runs" / "killed"
+    killed.mkdir()
+    (killed / "config.json").write_text('{"cache": "c"}')
+    (killed / "metrics.jsonl").write_text("")
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(ModelError, match=r"runs/killed: an amid run directory with no final/ or checkpoint/ yet"):
+            load(str(killed), "--model")
+    for sub in ("final", "checkpoint"):
+        shutil.copytree(root / "good", run / sub, dirs_exist_ok=True)
+    os.utime(run / "final" / "model.safetensors", (1, 1))
+    assert resolve_model(str(run)) == str(run / "checkpoint")
+    os.utime(run / "checkpoint" / "model.safetensors", (0, 0))
+    assert resolve_model(str(run)) == str(run / "final")
 
 
 def test_every_command_refuses_them_in_one_line_and_writes_nothing(models, tmp_path):

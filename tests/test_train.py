@@ -238,6 +238,21 @@ def test_eval_teacher_adds_the_full_vocabulary_kl_and_changes_no_step(world, tmp
     train(config(world, tmp_path / "renamed", max_steps=1, eval_teacher=world["student"]), log=said.append)
     assert any("is not the name the cache" in m for m in said)
 
+    # A run directory as the teacher: the cache records the model in it, and naming the run again
+    # is the same teacher (no note).
+    import shutil
+
+    run = tmp_path / "teacher_run"
+    shutil.copytree(world["teacher"], run / "final")
+    (run / "config.json").write_text('{"cache": "c", "dtype": "auto"}')  # amid's run config, not a model's
+    cache = tmp_path / "cache_from_run"
+    made = cache_teacher(CacheConfig(teacher=str(run), data=str(world["root"] / "data.jsonl"), out=str(cache),
+                                     top_k=8, max_length=64, limit=8, device="cpu"), progress=False, log=quiet)
+    assert made["teacher"]["name_or_path"] == str(run / "final")
+    said = []
+    train(config(world, tmp_path / "from_run", cache=str(cache), max_steps=1, eval_teacher=str(run)), log=said.append)
+    assert not any("is not the name the cache" in m for m in said), said
+
 
 def test_eval_cache_at_another_temperature_is_refused(world, tmp_path):
     hot = tmp_path / "cache_hot"
