@@ -292,9 +292,13 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
         data_ident["source"] = _same_spelling(
             data_ident["source"], old_data.get("source"), old_data.get("examples_sha256") == data_ident["examples_sha256"])
         weights = teacher_ident.get("weights_sha256")
-        teacher_ident["name_or_path"] = _same_spelling(  # a hash of no files says nothing
+        # Equal weights are the same teacher unless model code travels with them (trust_remote_code:
+        # its modeling_*.py is not hashed), and a hash of no files says nothing.
+        own_code = any(Path(resolve_model(cfg.teacher)).glob("*.py"))
+        teacher_ident["name_or_path"] = _same_spelling(
             teacher_ident["name_or_path"], old_teacher.get("name_or_path"),
-            weights not in (None, hashlib.sha256().hexdigest()) and old_teacher.get("weights_sha256") == weights)
+            not own_code and weights not in (None, hashlib.sha256().hexdigest())
+            and old_teacher.get("weights_sha256") == weights)
     header = make_header(
         teacher=teacher_ident, tokenizer=tokenizer_identity(tokenizer), k=min(cfg.top_k, vocab_size),
         temperature=cfg.temperature, data=data_ident, vocab_size=vocab_size,

@@ -897,6 +897,12 @@ def test_another_spelling_of_the_same_data_and_teacher_is_the_same_cache(teacher
                                       out=str(tmp_path / "cache"), examples_per_shard=4, batch_size=3),
                           progress=False, log=logs.append)
     assert any("already complete" in m for m in logs) and again["data"]["source"] == "inst.jsonl"
+    code = tmp_path / "teacher-code"  # equal weights, but model code of its own: not known to be equal
+    shutil.copytree(teachers["gpt2"], code)
+    (code / "modeling_custom.py").write_text("# trust_remote_code model code\n")
+    with pytest.raises(CacheError, match="different teacher"):
+        run_cache(teacher=str(code), data=str(tmp_path / "inst.jsonl"), out=str(tmp_path / "cache"),
+                  examples_per_shard=4, batch_size=3)
     lines = (tmp_path / "inst.jsonl").read_text().splitlines()
     (tmp_path / "other.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same records, other order
     with pytest.raises(CacheError, match="different data"):
