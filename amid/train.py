@@ -60,6 +60,7 @@ from amid.lock import DirLock
 from amid.losses import LossConfig, full_loss, mix_ce, sparse_loss
 from amid.models import load_model, load_tokenizer, resolve_model
 from amid.paths import same_path, same_setting
+from amid.stop import SIGNALS as STOP_SIGNALS
 from amid.stop import Interrupted, StopRequest, signal_name
 from amid.teacher import architecture, resolve_device, resolve_dtype, tokenizer_identity
 
@@ -988,9 +989,11 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             tokens += step_tokens
             interval_tokens += step_tokens
             ranks.sum_grads(params)
-            # One sync a step; it also carries a stop request, so that every rank stops after the same step.
-            loss_value, lm_value, stopping = ranks.sum(
-                torch.stack([loss_sum, lm_sum, loss_sum.new_tensor(float(stop.requested))])).tolist()
+            # One sync a step; it also carries a stop request (which signal, on how many ranks), so that
+            # every rank stops after the same step and names the signal one of them got.
+            loss_value, lm_value, by_int, by_term = ranks.sum(torch.stack([
+                loss_sum, lm_sum, *(loss_sum.new_tensor(float(stop.signum == sig)) for sig in STOP_SIGNALS)])).tolist()
+            stopping = by_int + by_term > 0
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged_message("loss", loss_value, step + 1, last_saved, ckpt_dir))
             scaler.unscale_(optimizer)
@@ -1023,9 +1026,10 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
                 last_saved = step
             if stopping and step < total_steps:
                 ranks.barrier()  # no rank exits (and has torchrun end the others) before the checkpoint is written
-                raise Interrupted(f"{signal_name(stop.signum or signal.SIGTERM)} at step {step} of {total_steps}: "
+                signum = stop.signum or (signal.SIGINT if by_int else signal.SIGTERM)  # another rank's
+                raise Interrupted(f"{signal_name(signum)} at step {step} of {total_steps}: "
                                   f"checkpoint saved in {ckpt_dir}; continue with the same command and --resume",
-                                  stop.signum or signal.SIGTERM)
+                                  signum)
         if last_eval_step != step:
             last_eval = run_eval()
     except Interrupted:
