@@ -327,8 +327,7 @@ def _text_lines(path: Path) -> int:
         for n, line in enumerate(fh, 1):
             bad = _UNDECODED.search(line)
             if bad:
-                raise DataError(f"{path}:{n}: not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x} at column "
-                                f"{bad.start() + 1}); save the file as UTF-8")
+                raise _not_utf8(path, n, ord(bad.group()) - 0xDC00, bad.start())
     return n
 
 
@@ -339,8 +338,11 @@ def _utf8(raw: bytes, path: Path, lineno: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
-                        f"save the file as UTF-8") from None
+        raise _not_utf8(path, lineno, raw[exc.start], exc.start) from None
+
+
+def _not_utf8(path: Path, lineno: int, byte: int, at: int) -> DataError:
+    return DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{byte:02x} at column {at + 1}); save the file as UTF-8")
 
 
 # ----------------------------------------------------------------------------------------------

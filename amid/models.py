@@ -14,7 +14,7 @@ from pathlib import Path
 
 from amid.errors import first_line
 
-__all__ = ["ModelError", "check_model_name", "resolve_model", "load_tokenizer", "load_model"]
+__all__ = ["ModelError", "check_model_name", "resolve_model", "model_context", "load_tokenizer", "load_model"]
 
 # Files one of which a saved tokenizer has (fast, SentencePiece, BPE or WordPiece vocabularies).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
@@ -72,6 +72,23 @@ def _weights_mtime(model_dir: Path) -> float:
     return max((f.stat().st_mtime for f in model_dir.glob("*.safetensors")), default=0.0)
 
 
+def model_context(name: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence a model takes, from its config alone (no weights loaded; a run
+    directory: its model's), or None where the config does not say or cannot be read (loading
+    the model says why)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from amid.heads import context_length
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+    return context_length(SimpleNamespace(config=config))
+
+
 def _is_model_config(path: Path) -> bool:
     try:
         return "model_type" in json.loads(path.read_text())
@@ -79,11 +96,14 @@ def _is_model_config(path: Path) -> bool:
         return False
 
 
-def _check_local_dir(name: str, what: str, need: str) -> None:
-    # A directory transformers cannot use, named for what it is instead of by a library message.
+def _source(name: str, what: str, need: str) -> str:
+    """What to hand transformers for `name` (`resolve_model`), once it is neither a missing local
+    path nor a directory transformers cannot use (named for what it is, not by a library message)."""
+    check_model_name(name, what)
+    name = resolve_model(name)
     path = Path(name)
-    if not path.is_dir():
-        return
+    if not path.is_dir():  # a hub name
+        return name
     if (path / "manifest.json").is_file() and (path / "examples").is_dir():
         raise ModelError(f"{what} {name}: an amid cache, not a model (a cache goes to --cache)")
     if (path / "metrics.jsonl").is_file() and not _is_model_config(path / "config.json"):
@@ -93,6 +113,7 @@ def _check_local_dir(name: str, what: str, need: str) -> None:
                          f"tokenizer beside the model (tokenizer.save_pretrained({name!r}))")
     if need == "model" and not (path / "config.json").is_file():
         raise ModelError(f"{what} {name}: no config.json; not a saved transformers model (model.save_pretrained)")
+    return name
 
 
 def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
@@ -100,9 +121,7 @@ def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
     ModelError naming `what` (e.g. "--student")."""
     from transformers import AutoTokenizer
 
-    check_model_name(name, what)
-    name = resolve_model(name)
-    _check_local_dir(name, what, "tokenizer")
+    name = _source(name, what, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: what transformers raises varies by what is missing
@@ -115,9 +134,7 @@ def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
     directory that cannot be loaded, or weights it lacks."""
     from transformers import AutoModelForCausalLM
 
-    check_model_name(name, what)
-    name = resolve_model(name)
-    _check_local_dir(name, what, "model")
+    name = _source(name, what, "model")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True, **kwargs)

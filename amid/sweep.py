@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Mapping
 
 from amid.cache import write_json_atomic
@@ -293,15 +292,13 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
 def _check_eval_data(cfg: SweepConfig, cache, tokenizer, trust: bool) -> None:
     """Read --eval-data as run_one's evaluation will (amid.evaluate: perplexity, then ROUGE-L), so
     that a missing, malformed or mismatched file is refused before the grid trains, not after."""
-    from transformers import AutoConfig
-
     from amid.data import DataError, Records, TemplateConfig, build_examples, load_records
     from amid.evaluate import _prompts_and_references
-    from amid.heads import context_length
+    from amid.models import model_context
 
     as_cached = _eval_template(cache.manifest)
     template = TemplateConfig(**as_cached, overflow="truncate")
-    context = context_length(SimpleNamespace(config=AutoConfig.from_pretrained(cfg.student, trust_remote_code=trust)))
+    context = model_context(cfg.student, trust)  # a run directory: its model's
     if context and template.max_length > context:
         template = dataclasses.replace(template, max_length=context)
     try:

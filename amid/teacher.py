@@ -34,7 +34,7 @@ from amid.data import DataError, Example, TemplateConfig, build_examples, iter_b
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.lock import DirLock
-from amid.models import load_model, load_tokenizer, resolve_model
+from amid.models import load_model, load_tokenizer, model_context, resolve_model
 from amid.paths import same_path
 from amid.loader import pad_examples
 
@@ -224,25 +224,14 @@ def _writer_alive(temporary: Path) -> bool:
     return True
 
 
-def _config_context(teacher: str, trust_remote_code: bool) -> int | None:
-    # The teacher's context from its config alone (the weights load after the data is checked), for
-    # the hints of data errors; None where it cannot be read (the model's loading says why, later).
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(resolve_model(teacher), trust_remote_code=trust_remote_code)
-    except Exception:
-        return None
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
 def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, world: int) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.out)
     tokenizer = load_tokenizer(cfg.teacher, "--teacher", cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
+    # The teacher's context from its config (its weights load after the data is checked): for hints.
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data,
-                                               _config_context(cfg.teacher, cfg.trust_remote_code))
+                                               model_context(cfg.teacher, cfg.trust_remote_code))
     if stats.skipped_empty and rank == 0:
         log(f"note: {stats.skipped_empty} of {stats.records} records have no target token (an empty response "
             f"or text, or a prompt that fills --max-length) and are skipped; the first: {stats.first_empty}")
@@ -281,8 +270,8 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     # How the values were computed belongs to the identity: a resume with another --dtype (or by an
     # amid that computes the head differently) must not mix its shards with these.
     teacher_dtype = str(dtype).replace("torch.", "")
-    teacher_ident = {**model_identity(resolve_model(cfg.teacher), model), "dtype": teacher_dtype,
-                     "logits": logits.mode}
+    teacher_dir = resolve_model(cfg.teacher)  # a run directory: the model in it
+    teacher_ident = {**model_identity(teacher_dir, model), "dtype": teacher_dtype, "logits": logits.mode}
     # Foreign entries are listed before the header is read: under torchrun another rank may create
     # its first progress file in between, and an entry that appears after must not look foreign.
     foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
@@ -294,7 +283,7 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
         weights = teacher_ident.get("weights_sha256")
         # Equal weights are the same teacher unless model code travels with them (trust_remote_code:
         # its modeling_*.py is not hashed), and a hash of no files says nothing.
-        own_code = any(Path(resolve_model(cfg.teacher)).glob("*.py"))
+        own_code = any(Path(teacher_dir).glob("*.py"))
         teacher_ident["name_or_path"] = _same_spelling(
             teacher_ident["name_or_path"], old_teacher.get("name_or_path"),
             not own_code and weights not in (None, hashlib.sha256().hexdigest())

@@ -80,6 +80,9 @@ def test_a_run_directory_serves_as_its_model_and_other_paths_are_named(models, t
         shutil.copy(f, run / "final" / f.name)
     assert resolve_model(str(run)) == str(run / "final") and resolve_model("gpt2") == "gpt2"
     assert load_tokenizer(str(run), "--student") is not None and load_model(str(run), "--student") is not None
+    from amid.models import model_context  # the config read alone (sweep's --eval-data check, hints)
+
+    assert model_context(str(run)) == model_context(str(root / "good")) is not None
     shutil.move(str(run / "final"), str(run / "checkpoint"))  # a run stopped before its end
     assert resolve_model(str(run)) == str(run / "checkpoint")
 
@@ -97,6 +100,13 @@ def test_a_run_directory_serves_as_its_model_and_other_paths_are_named(models, t
     with pytest.raises(ModelError, match=r"--teacher runs/a/config.json: a file, not a model directory"):
         check_model_name("runs/a/config.json", "--teacher")
     check_model_name("owner/name", "--teacher")  # may be a hub name: transformers' to judge
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name, **kw: f"asked for {name}")
+    assert load_tokenizer("owner/name", "--teacher") == "asked for owner/name"  # handed on as it is
+    assert load_tokenizer(str(run), "--teacher") == f"asked for {run / 'checkpoint'}"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     # A folder of downloaded models ("Qwen/" holding Qwen/Qwen2-1.5B): a sibling name may be on the hub.
     shutil.copytree(root / "good", tmp_path / "Qwen" / "Qwen2-1.5B")
     check_model_name("Qwen/Qwen2-0.5B", "--student")
