@@ -194,6 +194,7 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
         ("target positions", c["positions"]),
         ("truncated / too long / no target", f"{c.get('truncated', 0)} / {c.get('skipped_too_long', 0)} / "
                                              f"{c.get('skipped_no_target', 0)}"),
+        *([("conversations split at their turns", c["split_conversations"])] if c.get("split_conversations") else []),
         ("shards", len(m["shards"])),
         ("size", f"{c['bytes'] / 1e6:.2f} MB ({c['bytes_per_position']:.1f} B/position)"),
         ("mean tail mass", f"{c['mean_tail_mass']:.4f}"),

@@ -102,11 +102,18 @@ class TemplateConfig:
 
 @dataclass
 class Example:
-    """One tokenized example. `positions` are logits rows whose next token is a target."""
+    """One tokenized example. `positions` are logits rows whose next token is a target.
+    `record` is the index of the record it came from (its `example_id`, except for the second and
+    later examples of a conversation split at its turns, whose ids follow the last record's)."""
 
     example_id: int
     input_ids: list[int]
     positions: list[int]
+    record: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.record is None:
+            self.record = self.example_id
 
 
 @dataclass
@@ -118,6 +125,8 @@ class BuildStats:
     skipped_empty: int = 0
     cut_by_length: int = 0  # of skipped_empty: targets there, all past --max-length
     first_empty: str | None = None  # where the first record without a target came from
+    split_conversations: int = 0  # conversations made into one example per assistant turn
+    first_split: str | None = None  # where the first of them came from
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,12 +482,13 @@ def closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, .
 
 
 def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig, where: str,
-            closing: tuple[str, ...] = ()) -> tuple[list[int], list[tuple[int, int]]] | None:
-    """input_ids and the [start, end) spans of its target tokens (one span, or one per assistant
-    turn of a conversation); None for a record with nothing to learn: empty text, or an
-    instruction record with an empty response (its only target would be the closing EOS). A
-    target that ends in one of the `closing` texts loses it: the template closes the example
-    with that token itself."""
+            closing: tuple[str, ...] = ()) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """The record's examples: input_ids and the [start, end) spans of its target tokens (one
+    span, or one per assistant turn of a conversation). Usually one; none for a record with
+    nothing to learn (empty text, or an instruction record with an empty response: its only target
+    would be the closing EOS); one per assistant turn for a conversation whose template rewrites
+    earlier turns (`_conversation`). A target that ends in one of the `closing` texts loses it:
+    the template closes the example with that token itself."""
     if template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
@@ -487,19 +497,18 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
         else:
             prompt, target = _split(record, template, cfg, where)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _unclosed(target, closing)}]
-        if not _answers(messages):
-            return None
-        return _conversation(tokenizer, messages, cfg, where)
+        turns = _answers(messages)
+        return _conversation(tokenizer, messages, turns, cfg, where) if turns else []
     prompt, target = _split(record, template, cfg, where)
     target = _unclosed(target, closing)
     if not target.strip():
-        return None
+        return []
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _wants_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     ids = bos + prompt_ids + target_ids + eos
-    return ids, [(len(bos) + len(prompt_ids), len(ids))]
+    return [(ids, [(len(bos) + len(prompt_ids), len(ids))])]
 
 
 def _unclosed(text: str, closing: tuple[str, ...]) -> str:
@@ -537,15 +546,18 @@ def _answers(messages: list[dict[str, Any]]) -> list[int]:
             if m["role"] == "assistant" and i > 0 and (m["content"].strip() or m.get("tool_calls"))]
 
 
-def _conversation(tokenizer, messages: list[dict[str, Any]], cfg: TemplateConfig,
-                  where: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _conversation(tokenizer, messages: list[dict[str, Any]], turns: list[int], cfg: TemplateConfig,
+                  where: str) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """input_ids of a conversation through the chat template, and the [start, end) token spans of
-    its target assistant turns (`_answers`: each turn as the template renders it, its end of turn
-    included). The template renders the whole conversation, and each turn's context (with the
-    generation prompt) and the conversation up to the turn; the conversation is tokenized once
-    and cut where those texts end (`_token_cuts`), or, where a cut falls inside a token, every
-    text is tokenized and compared."""
-    turns = _answers(messages)
+    its target assistant turns (`turns`, indices into `messages`: each turn as the template
+    renders it, its end of turn included), as a list of one example. The template renders the
+    whole conversation, and each turn's context (with the generation prompt) and the conversation
+    up to the turn; the conversation is tokenized once and cut where those texts end
+    (`_token_cuts`), or, where a cut falls inside a token, every text is tokenized and compared.
+
+    A template that renders earlier turns differently once more follow (Qwen3's drops their
+    <think> blocks) leaves no one sequence that holds every turn as it was generated: such a
+    conversation becomes one example per turn, the conversation up to that turn."""
     text = _chat(tokenizer, messages, where, tokenize=False)
     starts = [_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False) for i in turns]
     ends = [_chat(tokenizer, messages[: i + 1], where, tokenize=False) for i in turns]
@@ -553,11 +565,11 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], cfg: TemplateConfig
         cut = _token_cuts(tokenizer, text, [len(t) for t in (*starts, *ends)])
         if cut is not None:
             full, at = cut
-            return full, list(zip(at[: len(turns)], at[len(turns):]))
+            return [(full, list(zip(at[: len(turns)], at[len(turns):])))]
     full, *rest = tokenizer([text, *starts, *ends], add_special_tokens=False)["input_ids"]
     before, upto = rest[: len(turns)], rest[len(turns):]
     if all(full[: len(b)] == b and full[: len(u)] == u for b, u in zip(before, upto)):
-        return full, [(len(b), len(u)) for b, u in zip(before, upto)]
+        return [(full, [(len(b), len(u)) for b, u in zip(before, upto)])]
     # The tokens of a context are not a prefix of the conversation's: a turn that starts with a
     # newline merges with the template's own ("\n" + "\n" -> "\n\n"), or the template renders an
     # earlier turn differently once more follow. Splice at the text level: the rendered text cut
@@ -581,14 +593,12 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], cfg: TemplateConfig
             ids += context
             spans.append((len(ids), len(ids) + len(turn)))
             ids += turn
-        return ids, spans
+        return [(ids, spans)]
     if len(turns) == 1:  # one answer after a context the template rewrites: the answer closed by EOS
         eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
         target = tokenizer(messages[turns[0]]["content"], add_special_tokens=False)["input_ids"] + eos
-        return before[0] + target, [(len(before[0]), len(before[0]) + len(target))]
-    raise DataError(f"{where}: the chat template renders this conversation's earlier turns differently once "
-                    f"more follow (Qwen3's drops their <think> blocks), so its assistant turns cannot be cut out; "
-                    f"keep one answer per record (a record per turn, with the turns before it)")
+        return [(before[0] + target, [(len(before[0]), len(before[0]) + len(target))])]
+    return [example for i in turns for example in _conversation(tokenizer, messages[: i + 1], [i], cfg, where)]
 
 
 def _token_cuts(tokenizer, text: str, cuts: list[int]) -> tuple[list[int], list[int]] | None:
@@ -667,35 +677,42 @@ def build_examples(
     closing = closing_texts(tokenizer, template, cfg)
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
+    extra_ids = len(records)  # ids of a split conversation's later examples: after every record's own
     for index, record in enumerate(records):
         encoded = _encode(tokenizer, record, template, cfg, where(records, index, source), closing)
-        if encoded is None:
+        if not encoded:
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)
             continue
-        ids, spans = encoded
-        cut = False
-        if len(ids) > cfg.max_length:
-            if cfg.overflow == "error":
-                fix = (f"the model's context is {context}: pass --max-length {context} with --overflow truncate or "
-                       f"--overflow skip" if context and context < len(ids) else
-                       "raise --max-length or pass --overflow truncate / --overflow skip")
-                raise DataError(f"{where(records, index, source)}: the example has {len(ids)} tokens, more than "
-                                f"--max-length {cfg.max_length}; {fix}")
-            if cfg.overflow == "skip":
-                stats.skipped_too_long += 1
+        if len(encoded) > 1:
+            stats.split_conversations += 1
+            stats.first_split = stats.first_split or where(records, index, source)
+        for n, (ids, spans) in enumerate(encoded):
+            cut = False
+            if len(ids) > cfg.max_length:
+                if cfg.overflow == "error":
+                    fix = (f"the model's context is {context}: pass --max-length {context} with --overflow truncate "
+                           f"or --overflow skip" if context and context < len(ids) else
+                           "raise --max-length or pass --overflow truncate / --overflow skip")
+                    turn = f" (its assistant turn {n + 1})" if len(encoded) > 1 else ""
+                    raise DataError(f"{where(records, index, source)}: the example{turn} has {len(ids)} tokens, more "
+                                    f"than --max-length {cfg.max_length}; {fix}")
+                if cfg.overflow == "skip":
+                    stats.skipped_too_long += 1
+                    continue
+                ids = ids[: cfg.max_length]
+                stats.truncated += 1
+                cut = True
+            # Position t - 1 predicts token t: every target token after the first token of the sequence.
+            positions = [t - 1 for start, end in spans for t in range(max(start, 1), min(end, len(ids)))]
+            if not positions:
+                stats.skipped_empty += 1
+                stats.first_empty = stats.first_empty or where(records, index, source)
+                stats.cut_by_length += cut  # its targets lay past --max-length
                 continue
-            ids = ids[: cfg.max_length]
-            stats.truncated += 1
-            cut = True
-        # Position t - 1 predicts token t: every target token after the first token of the sequence.
-        positions = [t - 1 for start, end in spans for t in range(max(start, 1), min(end, len(ids)))]
-        if not positions:
-            stats.skipped_empty += 1
-            stats.first_empty = stats.first_empty or where(records, index, source)
-            stats.cut_by_length += cut  # its targets lay past --max-length
-            continue
-        examples.append(Example(example_id=index, input_ids=ids, positions=positions))
+            example_id = index if n == 0 else extra_ids
+            extra_ids += n > 0
+            examples.append(Example(example_id=example_id, input_ids=ids, positions=positions, record=index))
     stats.examples = len(examples)
     if not examples:
         if stats.skipped_too_long == stats.records:

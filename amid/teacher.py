@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -235,6 +235,10 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     if stats.skipped_empty and rank == 0:
         log(f"note: {stats.skipped_empty} of {stats.records} records have no target token (an empty response "
             f"or text, or a prompt that fills --max-length) and are skipped; the first: {stats.first_empty}")
+    if stats.split_conversations and rank == 0:
+        log(f"note: the chat template renders the earlier turns of {stats.split_conversations} conversations "
+            f"differently once more turns follow (Qwen3's drops their <think> blocks); each of their assistant turns "
+            f"is an example of its own, the conversation up to it as context; the first: {stats.first_split}")
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -244,7 +248,7 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     longest = max(examples, key=lambda e: len(e.input_ids))
     if context and len(longest.input_ids) > context:
         raise DataError(
-            f"{where(records, longest.example_id, cfg.data)}: the example has {len(longest.input_ids)} tokens, "
+            f"{where(records, longest.record, cfg.data)}: the example has {len(longest.input_ids)} tokens, "
             f"more than the teacher's context of {context}; pass --max-length {context} (with --overflow "
             f"truncate or skip)"
         )
@@ -334,7 +338,8 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
         for task in mine:
             writer = ShardWriter(out, task, vocab_size, k)
             for batch in iter_batches(tasks[task], cfg.max_tokens, cfg.batch_size):
-                for ex, (ids, lps, tail) in zip(batch, _forward(logits, batch, k, cfg.temperature, device, pad, cfg.data)):
+                named = _forward(logits, batch, k, cfg.temperature, device, pad, lambda e: where(records, e.record, cfg.data))
+                for ex, (ids, lps, tail) in zip(batch, named):
                     writer.add(ex.example_id, ex.input_ids, ex.positions, ids, lps, tail)
                 bar.update(sum(len(e.positions) for e in batch))
             state.add(writer.close())
@@ -344,7 +349,8 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     bar.close()
 
     counts = {"records": stats.records, "truncated": stats.truncated,
-              "skipped_too_long": stats.skipped_too_long, "skipped_no_target": stats.skipped_empty}
+              "skipped_too_long": stats.skipped_too_long, "skipped_no_target": stats.skipped_empty,
+              "split_conversations": stats.split_conversations}
     manifest = finalize(out, header, len(tasks), {"counts": counts, "wall_seconds_last_run": round(time.time() - start, 3)})
     if manifest is None:
         log(f"rank {rank}: my shards are done; the manifest is written by the last rank to finish")
@@ -392,8 +398,9 @@ def _examples_digest(examples: list[Example]) -> str:
 
 @torch.no_grad()
 def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int,
-             source: str):
-    """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch."""
+             where_is: Callable[[Example], str]):
+    """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch.
+    `where_is` names an example's record (FILE:LINE) in an error."""
     # Every target row of the batch at once: one top-k per chunk, one device-to-host copy per batch.
     step = max(1, (1 << 26) // logits.route.head.weight.shape[0])  # ≤ 256 MiB of float32 logits a chunk
     parts = [teacher_topk(z, k, temperature) for z in logits.chunks(pad_examples(batch, pad, device), step)]
@@ -402,8 +409,8 @@ def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: fl
     if len(bad):  # a broken teacher must not leave a cache of NaN behind, nor a silent tail of 0
         example = batch[int(np.searchsorted(np.cumsum([len(e.positions) for e in batch]), bad[0], side="right"))]
         raise CacheError(
-            f"{source}: the teacher's logits are NaN at {len(bad)} target position(s) of a batch, first in example "
-            f"{example.example_id} (its record number); check the teacher's weights, or its --dtype (fp16 overflows "
+            f"{where_is(example)}: the teacher's logits are NaN at {len(bad)} target position(s) of a batch, the "
+            f"first in this record; check the teacher's weights, or its --dtype (fp16 overflows "
             f"in many models: use bf16 or fp32)"
         )
     start = 0

@@ -275,7 +275,7 @@ def test_teacher_with_nan_logits_is_refused_and_writes_no_shard(data_files, tmp_
     model.save_pretrained(teacher)
     out = tmp_path / "cache"
     data = str(data_files["instruction"])
-    with pytest.raises(CacheError, match=rf"^{re.escape(data)}: .*NaN at \d+ target position.*first in example .*--dtype"):
+    with pytest.raises(CacheError, match=rf"^{re.escape(data)}:\d+: .*NaN at \d+ target position.*first in this record; .*--dtype"):
         run_cache(teacher=str(teacher), data=data, out=str(out), limit=4)
     assert not list(out.rglob("*.parquet"))
 
@@ -976,6 +976,31 @@ def test_chat_messages_data_is_cached_turn_by_turn(tmp_path):
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q?", "response": "A."}] * 3)
     manifest = run_cache(teacher=str(teacher), data=str(plain), out=str(tmp_path / "c2"), template="chat")
     assert "messages" not in manifest["data"]["fields"]
+
+
+def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_path):
+    from helpers import THINKING_TEMPLATE, save_teacher
+    from click.testing import CliRunner
+
+    from amid.cli import main
+    from amid.loader import scan, split
+
+    teacher = save_teacher(tmp_path / "thinking_teacher", "qwen2", chat_template=THINKING_TEMPLATE)
+    talk = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nBlue."},
+            {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "<think>\nhm\n</think>\n\nRed."}]
+    data = write_jsonl(tmp_path / "talk.jsonl", [{"messages": talk}] * 40)
+    lines = []
+    manifest = cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "c")),
+                             progress=False, log=lines.append)
+    assert manifest["counts"]["examples"] == 80 and manifest["counts"]["split_conversations"] == 40
+    assert any(f"of 40 conversations differently" in line and f"the first: {data}:1" in line for line in lines)
+    cache = open_cache(tmp_path / "c")
+    ids = sorted(ex["example_id"] for ex in cache)
+    assert ids == list(range(80))  # unique: the second turns take ids 40..79
+    train, held = split(scan(cache), 0.25, 1000)  # the held-out split reads them as any other ids
+    assert sum(map(len, train)) + sum(map(len, held)) == 80 and sum(map(len, held)) > 0
+    out = CliRunner().invoke(main, ["cache-info", str(tmp_path / "c")])
+    assert out.exit_code == 0 and "conversations split at their turns" in out.output
 
 
 def test_a_shard_that_cannot_be_written_is_named_and_leaves_no_temporary(teachers, data_files, tmp_path, monkeypatch):

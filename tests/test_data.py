@@ -17,7 +17,7 @@ from amid.data import (
     load_records,
     resolve_template,
 )
-from helpers import CHATML_TEMPLATE, shared_path, train_tokenizer, write_jsonl
+from helpers import CHATML_TEMPLATE, THINKING_TEMPLATE, shared_path, train_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -587,6 +587,40 @@ def test_chat_messages_opening_turns_empty_turns_and_tool_calls(tok_chat):
     assert stats.skipped_empty == 1 and stats.examples == 1
 
 
+def _rendered(tokenizer, messages, **kw) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in new transformers
+
+
+def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per_turn(tmp_path):
+    # Qwen3's template drops an assistant turn's <think> block once a user turn follows: no one
+    # sequence holds both answers as they were generated, so each becomes an example of its own,
+    # the conversation up to it (as the template renders it then) as context.
+    t = train_tokenizer(300, chat_template=THINKING_TEMPLATE)
+    talk = [{"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "<think>\nred or blue\n</think>\n\nBlue."},
+            {"role": "user", "content": "Another?"},
+            {"role": "assistant", "content": "<think>\nnot blue\n</think>\n\nRed."}]
+    assert not t.apply_chat_template(talk, tokenize=False).startswith(t.apply_chat_template(talk[:2], tokenize=False))
+    f = write_jsonl(tmp_path / "talk.jsonl", [{"messages": CONVERSATION}, {"messages": talk}, {"messages": talk}])
+    examples, stats, _ = build_examples(load_records(str(f)), t, TemplateConfig(), str(f))
+    assert stats.split_conversations == 2 and stats.first_split == f"{f}:2" and stats.examples == 5
+    # Record 0 (its template renders the same whatever follows) stays one example with its id; a
+    # split record's first example keeps the record's id, the others take ids after the last record's.
+    assert [(e.example_id, e.record) for e in examples] == [(0, 0), (1, 1), (3, 1), (2, 2), (4, 2)]
+    first, second = examples[1:3]
+    assert first.input_ids == _rendered(t, talk[:2])
+    assert t.decode(targets(first)) == "<think>\nred or blue\n</think>\n\nBlue.<|im_end|>\n"
+    assert second.input_ids == _rendered(t, talk)
+    context = _rendered(t, talk[:3], add_generation_prompt=True)  # the first answer without its <think>
+    assert second.input_ids[: second.positions[0] + 1] == context
+    assert t.decode(targets(second)) == "<think>\nnot blue\n</think>\n\nRed.<|im_end|>\n"
+    # --max-length names the record and the turn that overflows.
+    g = write_jsonl(tmp_path / "one.jsonl", [{"messages": talk}])
+    with pytest.raises(DataError, match=rf"{g}:1: the example \(its assistant turn 2\) has \d+ tokens"):
+        build_examples(load_records(str(g)), t, TemplateConfig(max_length=len(first.input_ids) + 1), str(g))
+
+
 def _random_conversations(seed: int, n: int):
     """Conversations whose turns open and close on newlines, spaces, digits and literal special
     tokens: the cases where a turn's first token can merge with its context's last."""
@@ -610,16 +644,12 @@ def _both_ways(tokenizer, talk):
     import amid.data
 
     cfg = TemplateConfig(template="chat")
-    try:
-        fast = amid.data._conversation(tokenizer, talk, cfg, "m")
-    except DataError:
-        fast = None
+    turns = amid.data._answers(talk)
+    fast = amid.data._conversation(tokenizer, talk, turns, cfg, "m")
     real = amid.data._token_cuts
     amid.data._token_cuts = lambda *_: None
     try:
-        exact = amid.data._conversation(tokenizer, talk, cfg, "m")
-    except DataError:
-        exact = None
+        exact = amid.data._conversation(tokenizer, talk, turns, cfg, "m")
     finally:
         amid.data._token_cuts = real
     return fast, exact
