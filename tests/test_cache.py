@@ -993,7 +993,7 @@ def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_p
     manifest = cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "c")),
                              progress=False, log=lines.append)
     assert manifest["counts"]["examples"] == 80 and manifest["counts"]["split_conversations"] == 40
-    assert any(f"of 40 conversations differently" in line and f"the first: {data}:1" in line for line in lines)
+    assert any("of 40 conversations differently" in line and f"the first: {data}:1" in line for line in lines)
     cache = open_cache(tmp_path / "c")
     ids = sorted(ex["example_id"] for ex in cache)
     assert ids == list(range(80))  # unique: the second turns take ids 40..79
