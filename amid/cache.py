@@ -13,7 +13,8 @@ A shard is the pair of files with the same J. `examples` columns: `example_id` i
 list<int32>, `positions` list<int32> (P values), `tail_logmass` list<float32> (P values),
 `topk_row` int64. `topk` columns: `topk_id` uint16|uint32, `topk_logprob` float16. An example's
 P·k top-k rows are rows [topk_row, topk_row + P·k) of the topk file: position by position, each
-position's k ids ascending.
+position's k ids ascending. `example_id` is the index of the example's record in the data, plus
+n << 40 for the n-th later example of a record that made several (`amid.data.record_of`).
 
 Why two files: Parquet decodes list columns value by value through repetition levels, which cost
 about as much as the rest of the read (format 1 kept the top-k as lists and decoded ~1.6× slower); the top-k values (k per position, 99 % of the data) are

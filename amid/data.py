@@ -31,7 +31,8 @@ from typing import Any, Iterable, Iterator
 
 from amid.errors import first_line
 
-__all__ = ["DataError", "TemplateConfig", "Example", "load_records", "build_examples", "lm_blocks", "TEMPLATES",
+__all__ = ["DataError", "TemplateConfig", "Example", "record_of", "load_records", "build_examples", "lm_blocks",
+           "TEMPLATES",
            "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes", "record_messages",
            "closing_texts"]
 
@@ -100,20 +101,29 @@ class TemplateConfig:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
 
 
+# An example's id is its record's index; the n-th later example of a record that makes several (a
+# conversation split at its turns) adds n << TURN_SHIFT, so a record's examples share the low bits,
+# which the held-out split hashes: they fall on the same side of it.
+TURN_SHIFT = 40
+
+
+def record_of(example_id):
+    """The index of the record an example id (an int, or a NumPy array of them) came from."""
+    return example_id & ((1 << TURN_SHIFT) - 1)
+
+
 @dataclass
 class Example:
-    """One tokenized example. `positions` are logits rows whose next token is a target.
-    `record` is the index of the record it came from (its `example_id`, except for the second and
-    later examples of a conversation split at its turns, whose ids follow the last record's)."""
+    """One tokenized example. `positions` are logits rows whose next token is a target; `record`
+    is the index of the record it came from (`record_of(example_id)`)."""
 
     example_id: int
     input_ids: list[int]
     positions: list[int]
-    record: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.record is None:
-            self.record = self.example_id
+    @property
+    def record(self) -> int:
+        return record_of(self.example_id)
 
 
 @dataclass
@@ -677,7 +687,6 @@ def build_examples(
     closing = closing_texts(tokenizer, template, cfg)
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
-    extra_ids = len(records)  # ids of a split conversation's later examples: after every record's own
     for index, record in enumerate(records):
         encoded = _encode(tokenizer, record, template, cfg, where(records, index, source), closing)
         if not encoded:
@@ -710,9 +719,7 @@ def build_examples(
                 stats.first_empty = stats.first_empty or where(records, index, source)
                 stats.cut_by_length += cut  # its targets lay past --max-length
                 continue
-            example_id = index if n == 0 else extra_ids
-            extra_ids += n > 0
-            examples.append(Example(example_id=example_id, input_ids=ids, positions=positions, record=index))
+            examples.append(Example(example_id=index | n << TURN_SHIFT, input_ids=ids, positions=positions))
     stats.examples = len(examples)
     if not examples:
         if stats.skipped_too_long == stats.records:

@@ -4,8 +4,9 @@ The order of batches is a pure function of the cache's metadata and the seed, de
 top-k data is read:
 
 - `scan` reads only each shard's `example_id`, `input_ids` and `positions` columns (lengths).
-- `split` holds out evaluation examples by a hash of `example_id` (stable across runs, seeds
-  and shard layouts).
+- `split` holds out evaluation examples by a hash of their record (`record_of(example_id)`:
+  stable across runs, seeds and shard layouts; the turns of a conversation split into several
+  examples fall on the same side).
 - `Plan` cuts every epoch into *windows*: the shards in a seeded order, grouped until a window
   holds at least `shuffle_buffer` training examples or `window_tokens` tokens (long sequences:
   the loader's memory follows tokens, not examples). A window's examples are shuffled, sorted by
@@ -39,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from amid.cache import Cache, CacheError
-from amid.data import cut_batches
+from amid.data import cut_batches, record_of
 
 __all__ = ["ShardMeta", "Position", "Plan", "Loader", "LMStream", "scan", "split", "pad_right", "target_rows",
            "pad_examples", "collate",
@@ -85,13 +86,13 @@ def _unit_hash(example_ids: np.ndarray) -> np.ndarray:
 
 
 def split(metas: list[ShardMeta], fraction: float, cap: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(training rows, evaluation rows) of each shard, chosen by a hash of example_id.
+    """(training rows, evaluation rows) of each shard, chosen by a hash of each example's record.
 
     Examples whose hash is below `fraction` are held out (at least one if fraction > 0): never
     trained on. The evaluation set is the `cap` of them with the lowest hashes. The choice is
     stable across runs, seeds and shard layouts.
     """
-    hashes = [_unit_hash(m.example_ids) for m in metas]
+    hashes = [_unit_hash(record_of(m.example_ids)) for m in metas]
     everything = np.concatenate(hashes) if hashes else np.zeros(0)
     if fraction <= 0 or len(everything) == 0:
         return [np.arange(len(h)) for h in hashes], [np.zeros(0, np.int64) for _ in hashes]

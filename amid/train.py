@@ -111,7 +111,7 @@ class TrainConfig:
     tokens. A step is `grad_accum` batches (on each of W processes under torchrun: A × W in all).
     `max_steps`, if set, overrides `epochs`.
     `warmup_steps` None means 3 % of the steps. `eval_fraction` of the cache's examples (chosen
-    by a hash of example_id: stable) is held out, at most `eval_max_examples` of them used;
+    by a hash of their record: stable) is held out, at most `eval_max_examples` of them used;
     `eval_cache` instead evaluates on a separate cache and trains on all of `cache`.
     `fused` None: the fused LM-head loss for vocabularies of at least FUSED_MIN_VOCAB tokens
     (below that the logits are small and compiling the fused kernels does not pay). On the CPU

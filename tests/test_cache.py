@@ -983,6 +983,7 @@ def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_p
     from click.testing import CliRunner
 
     from amid.cli import main
+    from amid.data import TURN_SHIFT, record_of
     from amid.loader import scan, split
 
     teacher = save_teacher(tmp_path / "thinking_teacher", "qwen2", chat_template=THINKING_TEMPLATE)
@@ -996,9 +997,13 @@ def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_p
     assert any("of 40 conversations differently" in line and f"the first: {data}:1" in line for line in lines)
     cache = open_cache(tmp_path / "c")
     ids = sorted(ex["example_id"] for ex in cache)
-    assert ids == list(range(80))  # unique: the second turns take ids 40..79
-    train, held = split(scan(cache), 0.25, 1000)  # the held-out split reads them as any other ids
-    assert sum(map(len, train)) + sum(map(len, held)) == 80 and sum(map(len, held)) > 0
+    assert ids == list(range(40)) + [r + (1 << TURN_SHIFT) for r in range(40)]  # the second turns: record + 2^40
+    # The held-out split hashes the record: both turns of a conversation fall on the same side.
+    metas = scan(cache)
+    train, held = split(metas, 0.25, 1000)
+    held_ids = {int(i) for m, rows in zip(metas, held) for i in m.example_ids[rows]}
+    assert 0 < len(held_ids) < 80 and sum(map(len, train)) + len(held_ids) == 80
+    assert held_ids == {r + n * (1 << TURN_SHIFT) for r in {record_of(i) for i in held_ids} for n in (0, 1)}
     out = CliRunner().invoke(main, ["cache-info", str(tmp_path / "c")])
     assert out.exit_code == 0 and "conversations split at their turns" in out.output
 

@@ -9,6 +9,7 @@ import pytest
 
 from amid.codec import LOGPROB_MANTISSA_BITS, encode_topk, id_dtype, round_logprobs
 from amid.data import (
+    TURN_SHIFT,
     DataError,
     TemplateConfig,
     build_examples,
@@ -606,8 +607,9 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
     examples, stats, _ = build_examples(load_records(str(f)), t, TemplateConfig(), str(f))
     assert stats.split_conversations == 2 and stats.first_split == f"{f}:2" and stats.examples == 5
     # Record 0 (its template renders the same whatever follows) stays one example with its id; a
-    # split record's first example keeps the record's id, the others take ids after the last record's.
-    assert [(e.example_id, e.record) for e in examples] == [(0, 0), (1, 1), (3, 1), (2, 2), (4, 2)]
+    # split record's first example keeps the record's id, the n-th after it adds n << TURN_SHIFT.
+    later = 1 << TURN_SHIFT
+    assert [(e.example_id, e.record) for e in examples] == [(0, 0), (1, 1), (1 + later, 1), (2, 2), (2 + later, 2)]
     first, second = examples[1:3]
     assert first.input_ids == _rendered(t, talk[:2])
     assert t.decode(targets(first)) == "<think>\nred or blue\n</think>\n\nBlue.<|im_end|>\n"
