@@ -120,6 +120,9 @@ def main() -> None:
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Teacher body dtype (auto: bf16/fp16 on GPU, fp32 on CPU). LM head, top-k, tail: float32.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--device-map", type=click.Choice(["auto"]), default=None,
+              help="A teacher larger than one GPU: spread its layers over every GPU this process sees (under torchrun, "
+                   "the local rank's equal share of the node's GPUs). Needs accelerate.")
 @click.option("--temperature", default=1.0, show_default=True, help="Teacher softmax temperature.")
 @click.option("--template", type=click.Choice(["auto", "text", "plain", "dolly", "chat"]), default="auto",
               show_default=True, help="How records become token sequences (see README).")

@@ -63,8 +63,8 @@ class Head:
     def hidden(self, batch: dict[str, Any]) -> torch.Tensor:
         """[N, H] last hidden states at the target rows (plain heads only)."""
         out = self.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        h = out.last_hidden_state
-        return h.reshape(-1, h.shape[-1])[batch["rows"]]
+        h = out.last_hidden_state  # on the last layer's device where a device map spreads the model
+        return h.reshape(-1, h.shape[-1])[batch["rows"].to(h.device)]
 
     def logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """[N, V] logits at the target rows."""
@@ -113,7 +113,7 @@ class TargetLogits:
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # float32 even inside a training autocast
-            return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+            return torch.nn.functional.linear(hidden.to(self.weight.device, torch.float32), self.weight, self.bias)
 
     @torch.no_grad()
     def chunks(self, batch: dict[str, Any], rows_per_chunk: int) -> Iterator[torch.Tensor]:

@@ -36,6 +36,7 @@ from amid.heads import TargetLogits, context_length
 from amid.lock import DirLock
 from amid.models import load_model, load_tokenizer, model_context, resolve_model
 from amid.paths import same_path
+from amid.placement import process_gpus, spread_device_map
 from amid.loader import pad_examples
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
@@ -55,6 +56,7 @@ class CacheConfig:
     max_tokens: int = 16384  # per forward batch, padded tokens counted
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"
+    device_map: str | None = None  # "auto": the teacher's layers spread over this process's GPUs (amid.placement)
     temperature: float = 1.0
     template: str = "auto"
     prompt_field: str = "prompt"
@@ -76,6 +78,10 @@ class CacheConfig:
             raise ValueError(f"--temperature must be positive and finite, got {self.temperature}")
         if self.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        if self.device_map not in (None, "auto"):
+            raise ValueError(f"--device-map must be auto, got {self.device_map!r}")
+        if self.device_map and self.device != "auto":
+            raise ValueError(f"--device {self.device} and --device-map auto: pass one (--device-map picks the GPUs)")
         if min(self.batch_size, self.max_tokens, self.examples_per_shard, self.positions_per_shard) < 1:
             raise ValueError("--batch-size, --max-tokens, --examples-per-shard and --positions-per-shard must be "
                              "positive")
@@ -240,9 +246,21 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
             f"differently once more turns follow (Qwen3's drops their <think> blocks); each of their assistant turns "
             f"is an example of its own, the conversation up to it as context; the first: {stats.first_split}")
 
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    model = load_model(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype=dtype).to(device).eval()
+    if cfg.device_map:  # a teacher larger than one GPU: its layers over this process's GPUs
+        _, local_rank, _ = world_from_env()
+        gpus = process_gpus(torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank,
+                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        dtype = resolve_dtype(cfg.dtype, torch.device("cuda" if gpus else "cpu"))
+        device_map = spread_device_map(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype, gpus)
+        model = load_model(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype=dtype, device_map=device_map).eval()
+        device = model.get_input_embeddings().weight.device  # where a batch goes in
+        places = [f"cuda:{d}" if isinstance(d, int) else str(d) for d in dict.fromkeys(device_map.values())]
+        runs_on = f"{', '.join(places)} (--device-map auto)"
+    else:
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        model = load_model(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype=dtype).to(device).eval()
+        runs_on = str(device)
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     context = context_length(model)
     longest = max(examples, key=lambda e: len(e.input_ids))
@@ -331,7 +349,7 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     total_positions = sum(len(e.positions) for e in examples)
     if rank == 0:
         log(f"amid cache-teacher: {len(examples)} examples, {total_positions} target positions, "
-            f"{len(tasks)} shards ({len(finished)} already done), k={k}, teacher {dtype} on {device} "
+            f"{len(tasks)} shards ({len(finished)} already done), k={k}, teacher {dtype} on {runs_on} "
             f"(logits: {header['teacher_logits']})")
     bar = tqdm(total=todo_positions, unit="pos", unit_scale=True, disable=not progress, desc="caching", dynamic_ncols=True)
     try:

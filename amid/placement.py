@@ -1,0 +1,86 @@
+"""A teacher larger than one GPU: its layers spread over this process's GPUs (`--device-map auto`).
+
+Stage one runs the teacher forward only, so a model that does not fit on one GPU can be split by
+layers (accelerate's device map: each GPU holds a run of layers, the hidden states move from
+one to the next). This module decides which GPUs a process takes and where each layer goes, and
+refuses a placement that would spill layers to the CPU or the disk (accelerate would run them
+there, 10-100x slower, without saying so). Loading and the forward stay transformers' own; the
+only thing amid adds is the float32 LM head's room on the GPU that holds the head.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from amid.errors import first_line
+from amid.models import ModelError, _source
+
+__all__ = ["process_gpus", "spread_device_map", "GPU_MEMORY_SHARE"]
+
+# Of each GPU's free memory, the share the teacher's weights may take; the rest is for the
+# activations of a forward batch (--max-tokens tokens) and the top-k.
+GPU_MEMORY_SHARE = 0.85
+
+
+def process_gpus(count: int, local_rank: int = 0, local_world: int = 1) -> list[int]:
+    """The GPUs (indices) one process spreads its teacher over: all `count` of them alone, or
+    under torchrun the local rank's equal, contiguous share of the node's GPUs."""
+    if count == 0:
+        return []
+    share = count // local_world
+    if share == 0:
+        raise ValueError(f"--device-map auto: {local_world} processes on this node share {count} GPU(s); start at "
+                         f"most {count} (torchrun --nproc-per-node), each then spreads its teacher over its share")
+    return list(range(local_rank * share, (local_rank + 1) * share))
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def spread_device_map(name: str, what: str, trust_remote_code: bool, dtype: torch.dtype, gpus: list[int],
+                      budget: dict[int | str, int] | None = None) -> dict[str, int | str]:
+    """A device map (module name -> GPU index) placing the model `name`'s layers over `gpus`,
+    computed by accelerate from the model's config (no weights read) and each GPU's free memory
+    times GPU_MEMORY_SHARE (`budget` overrides that: bytes per device). Room for the LM head's
+    float32 copy (TargetLogits) is set aside on the last GPU, where the head goes; the layers
+    are balanced over the GPUs as transformers' "auto" does. Without GPUs everything goes to
+    the CPU. ModelError where the GPUs cannot hold the model."""
+    try:
+        from accelerate import infer_auto_device_map, init_empty_weights
+        from accelerate.utils import get_balanced_memory
+    except ImportError:
+        raise ModelError("--device-map auto needs accelerate: pip install accelerate (or amid[device-map])") from None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = _source(name, what, "model")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+    except Exception as exc:  # the damage load_model would name, met one step earlier
+        raise ModelError(f"{what} {name}: cannot be loaded as a causal language model ({first_line(exc)})") from None
+    if budget is None:
+        budget = {g: int(torch.cuda.mem_get_info(g)[0] * GPU_MEMORY_SHARE) for g in gpus} if gpus else {"cpu": 1 << 62}
+    budget = dict(budget)
+    head = empty.get_output_embeddings()
+    head_fp32 = head.weight.numel() * 4 if head is not None and dtype != torch.float32 else 0
+    last = list(budget)[-1]
+    budget[last] = max(budget[last] - head_fp32, 0)
+    no_split = getattr(empty, "_no_split_modules", None) or []
+    if len(budget) > 1:
+        budget = get_balanced_memory(empty, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+    with warnings.catch_warnings():  # accelerate's advice on offloaded buffers: a spill is refused below
+        warnings.simplefilter("ignore")
+        device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+    spilled = sorted({str(d) for d in device_map.values() if d not in budget})
+    if spilled:
+        total = sum(p.numel() * p.element_size() for p in empty.parameters())
+        raise ModelError(
+            f"{what} {name}: its weights ({_size(total)} in {str(dtype).replace('torch.', '')}) do not fit in "
+            f"{len(gpus)} GPU(s) ({_size(sum(budget.values()))} for weights: {GPU_MEMORY_SHARE:.0%} of the free memory, "
+            f"less the LM head's float32 copy); accelerate would run part of it on the {' and '.join(spilled)}. Give "
+            f"each process more GPUs (fewer torchrun processes a node) or pick a smaller --dtype")
+    return device_map
