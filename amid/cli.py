@@ -107,6 +107,23 @@ def main() -> None:
     """
 
 
+def _json_object(ctx, param, value: str | None) -> dict | None:
+    """A click callback: a JSON object given on the command line, as a dict (None if not given)."""
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc.msg} at column {exc.colno}): {value}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {value}")
+    return parsed
+
+
+CHAT_KWARGS_HELP = ("Chat data: keyword arguments of the chat template itself, a JSON object "
+                    "(Qwen3's '{\"enable_thinking\": false}').")
+
+
 @main.command("cache-teacher")
 @click.option("--teacher", required=True, help="Teacher: Hugging Face hub name or local directory.")
 @click.option("--data", required=True, help="JSONL/JSON/Parquet/CSV/text file or directory, or a datasets name.")
@@ -131,6 +148,8 @@ def main() -> None:
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--messages-field", default="messages", show_default=True,
               help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
+@click.option("--chat-template-kwargs", default=None, callback=_json_object,
+              help=CHAT_KWARGS_HELP)
 @click.option("--split", default="train", show_default=True,
               help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
@@ -298,6 +317,8 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--messages-field", default="messages", show_default=True,
               help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
+@click.option("--chat-template-kwargs", default=None, callback=_json_object,
+              help=CHAT_KWARGS_HELP)
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--split", default="train", show_default=True,

@@ -88,6 +88,8 @@ class TemplateConfig:
     response_field: str = "response"
     text_field: str = "text"
     messages_field: str = "messages"  # chat: a list of {"role", "content"} messages per record
+    # chat: keyword arguments of the template itself (Qwen3's {"enable_thinking": false})
+    chat_template_kwargs: dict[str, Any] | None = None
     max_length: int = 1024
     overflow: str = "error"  # "error" | "truncate" | "skip"
     add_eos: bool = True
@@ -99,6 +101,9 @@ class TemplateConfig:
             raise ValueError(f"overflow must be error, truncate or skip, got {self.overflow!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {self.max_length}")
+        if self.chat_template_kwargs is not None and not (
+                isinstance(self.chat_template_kwargs, dict) and all(isinstance(k, str) for k in self.chat_template_kwargs)):
+            raise ValueError(f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
 
 
 # An example's id is its record's index; the n-th later example of a record that makes several (a
@@ -568,9 +573,10 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], turns: list[int], c
     A template that renders earlier turns differently once more follow (Qwen3's drops their
     <think> blocks) leaves no one sequence that holds every turn as it was generated: such a
     conversation becomes one example per turn, the conversation up to that turn."""
-    text = _chat(tokenizer, messages, where, tokenize=False)
-    starts = [_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False) for i in turns]
-    ends = [_chat(tokenizer, messages[: i + 1], where, tokenize=False) for i in turns]
+    extra = cfg.chat_template_kwargs or {}
+    text = _chat(tokenizer, messages, where, tokenize=False, **extra)
+    starts = [_chat(tokenizer, messages[:i], where, add_generation_prompt=True, tokenize=False, **extra) for i in turns]
+    ends = [_chat(tokenizer, messages[: i + 1], where, tokenize=False, **extra) for i in turns]
     if all(text.startswith(t) for t in (*starts, *ends)):
         cut = _token_cuts(tokenizer, text, [len(t) for t in (*starts, *ends)])
         if cut is not None:

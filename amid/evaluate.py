@@ -91,7 +91,8 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
                    limit: int | None = None, seeds: Sequence[int] = (10, 20, 30, 40, 50), max_new_tokens: int = 256,
                    temperature: float = 1.0, top_p: float = 1.0, device: str | torch.device = "cpu",
                    save_to: str | Path | None = None, chat: bool = False, split: str = "train",
-                   messages_field: str = "messages") -> dict[str, Any]:
+                   messages_field: str = "messages", chat_template_kwargs: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     """Sample a response per prompt for each seed; ROUGE-L F1 against the reference, averaged
     over examples then over seeds (the papers' protocol). Generations are saved as JSONL.
     With `chat`, each prompt is a user turn through the tokenizer's chat template (as training
@@ -124,7 +125,7 @@ def generate_rouge(model, tokenizer, source: str, prompt_field: str = "prompt", 
         torch.manual_seed(seed)
         scores = []
         for i, (prompt, ref) in enumerate(zip(prompts, refs)):
-            enc = _encode_prompt(tokenizer, prompt, chat).to(device)
+            enc = _encode_prompt(tokenizer, prompt, chat, chat_template_kwargs).to(device)
             new_tokens = max_new_tokens
             if context:  # prompt + generation must fit the model's positions
                 new_tokens = min(max_new_tokens, max(1, context // 2))
@@ -181,15 +182,17 @@ def _stop_ids(model, tokenizer, chat: bool) -> list[int] | None:
     return sorted(set(ids)) or None
 
 
-def _encode_prompt(tokenizer, prompt: str | list[dict[str, str]], chat: bool):
+def _encode_prompt(tokenizer, prompt: str | list[dict[str, str]], chat: bool,
+                   chat_template_kwargs: dict[str, Any] | None = None):
     """A prompt's input ids: text as it is, or through the chat template (a user turn, or the
-    conversation so far) with the generation prompt."""
+    conversation so far) with the generation prompt and the template's own arguments."""
     if not chat:
         return tokenizer(prompt, return_tensors="pt")
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
     messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+                                         **(chat_template_kwargs or {}))
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class EvalConfig:
     response_field: str = "response"
     text_field: str = "text"
     messages_field: str = "messages"
+    chat_template_kwargs: dict[str, Any] | None = None
     max_length: int = 1024
     limit: int | None = None
     split: str = "train"  # of a datasets name or a save_to_disk DatasetDict
@@ -236,7 +240,7 @@ def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict[str, Any]:
     model = load_model(cfg.model, "--model").to(device)
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
                               response_field=cfg.response_field, text_field=cfg.text_field,
-                              messages_field=cfg.messages_field,
+                              messages_field=cfg.messages_field, chat_template_kwargs=cfg.chat_template_kwargs,
                               max_length=cfg.max_length, overflow="truncate")
     result: dict[str, Any] = {"model": cfg.model, "model_dir": resolve_model(cfg.model),
                               "data": cfg.data}
@@ -246,7 +250,7 @@ def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict[str, Any]:
         result.update(generate_rouge(model, tokenizer, cfg.data, cfg.prompt_field, cfg.response_field,
                                      limit=cfg.rouge_limit or cfg.limit, seeds=cfg.seeds, max_new_tokens=cfg.max_new_tokens,
                                      device=device, save_to=save, chat=cfg.template == "chat", split=cfg.split,
-                                     messages_field=cfg.messages_field))
+                                     messages_field=cfg.messages_field, chat_template_kwargs=cfg.chat_template_kwargs))
     if cfg.out:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,7 @@ class CacheConfig:
     response_field: str = "response"
     text_field: str = "text"
     messages_field: str = "messages"
+    chat_template_kwargs: dict[str, Any] | None = None  # --template chat: the template's own arguments
     split: str = "train"
     limit: int | None = None
     overflow: str = "error"
@@ -89,7 +90,7 @@ class CacheConfig:
     def template_config(self) -> TemplateConfig:
         return TemplateConfig(
             template=self.template, prompt_field=self.prompt_field, response_field=self.response_field,
-            messages_field=self.messages_field,
+            messages_field=self.messages_field, chat_template_kwargs=self.chat_template_kwargs,
             text_field=self.text_field, max_length=self.max_length, overflow=self.overflow,
         )
 
@@ -283,6 +284,8 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
                    # only where used: caches of other data keep the identity they always had
                    **({"messages": cfg.messages_field} if template == "chat" and cfg.messages_field in records[0]
                       else {})},
+        # Only where given: caches made without keep the identity they always had.
+        **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}),
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
         "examples_per_shard": cfg.examples_per_shard, "positions_per_shard": cfg.positions_per_shard,
         # The content, not just the file name: resuming over edited data must be refused.

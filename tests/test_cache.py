@@ -978,6 +978,25 @@ def test_chat_messages_data_is_cached_turn_by_turn(tmp_path):
     assert "messages" not in manifest["data"]["fields"]
 
 
+def test_chat_template_kwargs_are_part_of_the_caches_data_and_its_evaluation(tmp_path):
+    from helpers import NO_THINKING_TEMPLATE, save_teacher
+
+    from amid.sweep import _eval_template
+
+    teacher = save_teacher(tmp_path / "teacher", "qwen2", chat_template=NO_THINKING_TEMPLATE)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q?", "response": "A."}] * 3)
+    off = {"enable_thinking": False}
+    manifest = run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c"), template="chat",
+                         chat_template_kwargs=off)
+    assert manifest["data"]["chat_template_kwargs"] == off
+    assert _eval_template(manifest)["chat_template_kwargs"] == off  # sweep's --eval-data reads it the same way
+    with pytest.raises(CacheError, match="different data"):  # other template arguments: other examples
+        run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c"), template="chat",
+                  chat_template_kwargs={"enable_thinking": True})
+    plain = run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c2"), template="chat")
+    assert "chat_template_kwargs" not in plain["data"] and "chat_template_kwargs" not in _eval_template(plain)
+
+
 def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_path):
     from helpers import THINKING_TEMPLATE, save_teacher
     from click.testing import CliRunner

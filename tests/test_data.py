@@ -18,7 +18,7 @@ from amid.data import (
     load_records,
     resolve_template,
 )
-from helpers import CHATML_TEMPLATE, THINKING_TEMPLATE, shared_path, train_tokenizer, write_jsonl
+from helpers import CHATML_TEMPLATE, NO_THINKING_TEMPLATE, THINKING_TEMPLATE, shared_path, train_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -621,6 +621,23 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
     g = write_jsonl(tmp_path / "one.jsonl", [{"messages": talk}])
     with pytest.raises(DataError, match=rf"{g}:1: the example \(its assistant turn 2\) has \d+ tokens"):
         build_examples(load_records(str(g)), t, TemplateConfig(max_length=len(first.input_ids) + 1), str(g))
+
+
+def test_chat_template_kwargs_reach_the_template():
+    # Qwen3 with enable_thinking=False: the empty <think> block is the generation prompt's, so it
+    # is context; without the argument the turn as rendered opens with it and it is a target.
+    t = train_tokenizer(300, chat_template=NO_THINKING_TEMPLATE)
+    record = {"prompt": "Name a colour.", "response": "Blue."}
+    (default,), _, _ = build_examples([record], t, TemplateConfig(template="chat"), "m")
+    assert t.decode(targets(default)) == "<think>\n\n</think>\n\nBlue.<|im_end|>\n"
+    cfg = TemplateConfig(template="chat", chat_template_kwargs={"enable_thinking": False})
+    (off,), _, _ = build_examples([record], t, cfg, "m")
+    assert t.decode(targets(off)) == "Blue.<|im_end|>\n"
+    assert off.input_ids[: off.positions[0] + 1] == _rendered(t, [{"role": "user", "content": "Name a colour."}],
+                                                              add_generation_prompt=True, enable_thinking=False)
+    assert off.input_ids == default.input_ids  # the same text; only where the target starts moved
+    with pytest.raises(ValueError, match="--chat-template-kwargs must be a JSON object"):
+        TemplateConfig(chat_template_kwargs=["enable_thinking"])
 
 
 def _random_conversations(seed: int, n: int):

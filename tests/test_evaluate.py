@@ -80,6 +80,17 @@ def test_paper_table_reads_the_recipes_eval_files(tmp_path, capsys):
     assert rows["amid_a0.5"] == "| amid_a0.5 | 30.00 | · | · | · | · | · |"
 
 
+def test_chat_prompts_take_the_templates_keyword_arguments():
+    from helpers import NO_THINKING_TEMPLATE, train_tokenizer
+
+    from amid.evaluate import _encode_prompt
+
+    tok = train_tokenizer(300, chat_template=NO_THINKING_TEMPLATE)
+    on = tok.decode(_encode_prompt(tok, "Hi", chat=True)["input_ids"][0])
+    off = tok.decode(_encode_prompt(tok, "Hi", chat=True, chat_template_kwargs={"enable_thinking": False})["input_ids"][0])
+    assert on.endswith("<|im_start|>assistant\n") and off.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
 def test_chat_generations_stop_at_the_templates_end_of_turn():
     from types import SimpleNamespace
 
