@@ -693,12 +693,14 @@ def build_examples(
     closing = closing_texts(tokenizer, template, cfg)
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
+    made = 0  # examples the records made, before --max-length: more than the records where conversations split
     for index, record in enumerate(records):
         encoded = _encode(tokenizer, record, template, cfg, where(records, index, source), closing)
         if not encoded:
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)
             continue
+        made += len(encoded)
         if len(encoded) > 1:
             stats.split_conversations += 1
             stats.first_split = stats.first_split or where(records, index, source)
@@ -728,7 +730,7 @@ def build_examples(
             examples.append(Example(example_id=index | n << TURN_SHIFT, input_ids=ids, positions=positions))
     stats.examples = len(examples)
     if not examples:
-        if stats.skipped_too_long == stats.records:
+        if stats.skipped_too_long == made:
             raise DataError(f"{source}: every example is longer than --max-length {cfg.max_length}, and --overflow "
                             f"skip drops them; raise --max-length or pass --overflow truncate")
         if stats.skipped_empty and stats.cut_by_length == stats.skipped_empty:

@@ -41,13 +41,15 @@ def _size(n: float) -> str:
 
 
 def spread_device_map(name: str, what: str, trust_remote_code: bool, dtype: torch.dtype, gpus: list[int],
-                      budget: dict[int | str, int] | None = None) -> dict[str, int | str]:
+                      budget: dict[int | str, int] | None = None, processes: int = 1) -> dict[str, int | str]:
     """A device map (module name -> GPU index) placing the model `name`'s layers over `gpus`,
     computed by accelerate from the model's config (no weights read) and each GPU's free memory
-    times GPU_MEMORY_SHARE (`budget` overrides that: bytes per device). Room for the LM head's
-    float32 copy (TargetLogits) is set aside on the last GPU, where the head goes; the layers
-    are balanced over the GPUs as transformers' "auto" does. Without GPUs everything goes to
-    the CPU. ModelError where the GPUs cannot hold the model."""
+    times GPU_MEMORY_SHARE (`budget` overrides that: bytes per device). The layers are balanced
+    over the GPUs as transformers' "auto" does (packed in order where balancing would spill), a
+    tied LM head stays with its embedding, and room for the head's float32 copy (TargetLogits)
+    is set aside on the GPU that holds it. Without GPUs everything goes to the CPU. ModelError
+    where the GPUs cannot hold the model (`processes`: how many share this node's GPUs, for
+    the advice)."""
     try:
         from accelerate import infer_auto_device_map, init_empty_weights
         from accelerate.utils import get_balanced_memory
@@ -60,27 +62,45 @@ def spread_device_map(name: str, what: str, trust_remote_code: bool, dtype: torc
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with init_empty_weights():
             empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=dtype)
+        empty.tie_weights()  # left untied on the meta device: a tied head must be planned with its embedding
     except Exception as exc:  # the damage load_model would name, met one step earlier
         raise ModelError(f"{what} {name}: cannot be loaded as a causal language model ({first_line(exc)})") from None
     if budget is None:
         budget = {g: int(torch.cuda.mem_get_info(g)[0] * GPU_MEMORY_SHARE) for g in gpus} if gpus else {"cpu": 1 << 62}
-    budget = dict(budget)
-    head = empty.get_output_embeddings()
-    head_fp32 = head.weight.numel() * 4 if head is not None and dtype != torch.float32 else 0
-    last = list(budget)[-1]
-    budget[last] = max(budget[last] - head_fp32, 0)
     no_split = getattr(empty, "_no_split_modules", None) or []
-    if len(budget) > 1:
-        budget = get_balanced_memory(empty, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
-    with warnings.catch_warnings():  # accelerate's advice on offloaded buffers: a spill is refused below
-        warnings.simplefilter("ignore")
-        device_map = infer_auto_device_map(empty, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
-    spilled = sorted({str(d) for d in device_map.values() if d not in budget})
+    head = empty.get_output_embeddings()
+    head_name = next((n for n, m in empty.named_modules() if m is head), None)
+    head_fp32 = head.weight.numel() * 4 if head is not None and dtype != torch.float32 else 0
+
+    def place(limits: dict[int | str, int]) -> tuple[dict[str, int | str], list[str]]:
+        with warnings.catch_warnings():  # accelerate's advice on offloaded buffers: a spill is refused below
+            warnings.simplefilter("ignore")
+            device_map = infer_auto_device_map(empty, max_memory=limits, no_split_module_classes=no_split, dtype=dtype)
+        return device_map, sorted({str(d) for d in device_map.values() if d not in limits})
+
+    def plan(reserve_on: int | str) -> tuple[dict[str, int | str], list[str]]:
+        limits = {**budget, reserve_on: max(budget[reserve_on] - head_fp32, 0)}
+        if len(limits) > 1:
+            balanced = get_balanced_memory(empty, max_memory=dict(limits), no_split_module_classes=no_split, dtype=dtype)
+            device_map, spilled = place({d: m for d, m in balanced.items() if d in limits})
+            if not spilled:
+                return device_map, spilled
+        return place(limits)  # in order, each GPU filled before the next
+
+    reserve_on = list(budget)[-1]  # where an untied head goes: after the last layer
+    device_map, spilled = plan(reserve_on)
+    held = next((d for m, d in device_map.items() if head_name and (m in ("", head_name) or head_name.startswith(m + "."))),
+                None)
+    if not spilled and held in budget and held != reserve_on:  # a tied head: with the embedding
+        device_map, spilled = plan(held)
     if spilled:
         total = sum(p.numel() * p.element_size() for p in empty.parameters())
+        advice = ("start fewer processes a node (torchrun --nproc-per-node), so that each spreads it over more GPUs"
+                  if processes > 1 else "use more GPUs, or GPUs with more free memory")
         raise ModelError(
             f"{what} {name}: its weights ({_size(total)} in {str(dtype).replace('torch.', '')}) do not fit in "
-            f"{len(gpus)} GPU(s) ({_size(sum(budget.values()))} for weights: {GPU_MEMORY_SHARE:.0%} of the free memory, "
-            f"less the LM head's float32 copy); accelerate would run part of it on the {' and '.join(spilled)}. Give "
-            f"each process more GPUs (fewer torchrun processes a node) or pick a smaller --dtype")
+            f"{len(gpus)} GPU(s) ({_size(sum(budget.values()) - head_fp32)} for weights: {GPU_MEMORY_SHARE:.0%} of the "
+            f"free memory{', less the LM head in float32' if head_fp32 else ''}); accelerate would run part of it on the "
+            f"{' and '.join(spilled)}. {advice[0].upper() + advice[1:]}"
+            f"{', or pass --dtype bf16' if dtype == torch.float32 else ''}")
     return device_map

@@ -34,7 +34,7 @@ from amid.data import DataError, Example, TemplateConfig, build_examples, iter_b
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.lock import DirLock
-from amid.models import load_model, load_tokenizer, model_context, resolve_model
+from amid.models import ModelError, load_model, load_tokenizer, model_context, resolve_model
 from amid.paths import same_path
 from amid.placement import process_gpus, spread_device_map
 from amid.loader import pad_examples
@@ -249,10 +249,17 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
 
     if cfg.device_map:  # a teacher larger than one GPU: its layers over this process's GPUs
         _, local_rank, _ = world_from_env()
-        gpus = process_gpus(torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank,
-                            int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        gpus = process_gpus(torch.cuda.device_count() if torch.cuda.is_available() else 0, local_rank, processes)
+        if gpus:  # this process's "cuda" (bf16 support, stray allocations): its own first GPU, not cuda:0
+            torch.cuda.set_device(gpus[0])
         dtype = resolve_dtype(cfg.dtype, torch.device("cuda" if gpus else "cpu"))
-        device_map = spread_device_map(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype, gpus)
+        try:
+            device_map = spread_device_map(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype, gpus,
+                                           processes=processes)
+        except ModelError as exc:  # each rank plans for its own GPUs
+            exc.this_rank_only = True
+            raise
         model = load_model(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype=dtype, device_map=device_map).eval()
         device = model.get_input_embeddings().weight.device  # where a batch goes in
         places = [f"cuda:{d}" if isinstance(d, int) else str(d) for d in dict.fromkeys(device_map.values())]

@@ -619,6 +619,8 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
     assert t.decode(targets(second)) == "<think>\nnot blue\n</think>\n\nRed.<|im_end|>\n"
     # --max-length names the record and the turn that overflows.
     g = write_jsonl(tmp_path / "one.jsonl", [{"messages": talk}])
+    with pytest.raises(DataError, match=r"every example is longer than --max-length 20, and --overflow skip drops"):
+        build_examples(load_records(str(g)), t, TemplateConfig(max_length=20, overflow="skip"), str(g))
     with pytest.raises(DataError, match=rf"{g}:1: the example \(its assistant turn 2\) has \d+ tokens"):
         build_examples(load_records(str(g)), t, TemplateConfig(max_length=len(first.input_ids) + 1), str(g))
 

@@ -62,8 +62,12 @@ def test_layers_are_balanced_over_the_gpus_with_the_head_on_the_last(llama):
 def test_a_teacher_the_gpus_cannot_hold_is_refused_in_one_line(llama):
     path, size, head = llama
     with pytest.raises(ModelError, match=r"--teacher .*: its weights \(.* MiB in bfloat16\) do not fit in 2 GPU\(s\).*"
-                                         r"would run part of it on the disk\. Give each process more GPUs"):
+                                         r"would run part of it on the disk\. Use more GPUs, or GPUs with more "
+                                         r"free memory$"):
         spread_device_map(str(path), "--teacher", False, torch.bfloat16, [0, 1], budget={0: size // 3, 1: size // 3})
+    with pytest.raises(ModelError, match=r"Start fewer processes a node \(torchrun --nproc-per-node\), so that each "
+                                         r"spreads it over more GPUs, or pass --dtype bf16$"):
+        spread_device_map(str(path), "--teacher", False, torch.float32, [0], budget={0: size // 3}, processes=4)
     with pytest.raises(ModelError, match=r"--teacher .*nowhere: "):
         spread_device_map(str(path / "nowhere"), "--teacher", False, torch.bfloat16, [0])
 
@@ -89,6 +93,38 @@ def test_the_lm_heads_float32_copy_is_set_aside_on_its_gpu(llama):
         spread_device_map(str(path), "--teacher", False, torch.bfloat16, [0], budget={0: low + head - 1})
     # A float32 teacher's head is used as it is: nothing to set aside.
     assert spread_device_map(str(path), "--teacher", False, torch.float32, [0], budget={0: 8 * size}) == {"": 0}
+
+
+def _config_only(path, **kw):
+    """A model directory holding only a config: the plan reads no weights."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(num_attention_heads=8, num_key_value_heads=8, **kw).save_pretrained(path)
+    with __import__("accelerate").init_empty_weights():
+        from transformers import AutoModelForCausalLM
+        empty = AutoModelForCausalLM.from_config(LlamaConfig.from_pretrained(path), dtype=torch.bfloat16)
+    return sum(p.numel() for p in empty.parameters()) * 2, empty.get_output_embeddings().weight.numel() * 4
+
+
+def test_a_tied_lm_head_is_planned_with_its_embedding(tmp_path):
+    # Qwen2.5-3B, Llama 3.2, Gemma: the head is the embedding. Planned apart (the meta model is
+    # untied), loading would move the embedding to the head's GPU behind its hook's back.
+    size, head = _config_only(tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=8192,
+                              tie_word_embeddings=True)
+    device_map = spread_device_map(str(tmp_path), "--teacher", False, torch.bfloat16, [0, 1],
+                                   budget={0: size, 1: size})
+    assert device_map["lm_head"] == device_map["model.embed_tokens"] == 0 and 1 in device_map.values()
+
+
+def test_a_teacher_that_fits_only_unbalanced_is_packed_in_order(tmp_path):
+    # A large head (V = 151936) and small layers: balancing leaves no GPU room for the head and its
+    # float32 copy, filling the GPUs in order does.
+    size, head = _config_only(tmp_path, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                              vocab_size=151936, tie_word_embeddings=False)
+    per_gpu = int((size + head) * 0.8)
+    device_map = spread_device_map(str(tmp_path), "--teacher", False, torch.bfloat16, [0, 1],
+                                   budget={0: per_gpu, 1: per_gpu})
+    assert set(device_map.values()) <= {0, 1}
 
 
 def test_target_logits_through_accelerates_hooks_equal_the_plain_models():
