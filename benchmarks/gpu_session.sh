@@ -6,7 +6,7 @@
 # Each step has its own time limit, 9.5 minutes in all, so one 10-minute call holds it (the
 # benchmark first: the open targets need it most). Every step's output is saved as it runs, so
 # a step that overruns costs only itself. Record the figures in benchmarks/RESULTS.md with the
-# machine and the date. Needs torch with CUDA, triton, transformers, pyarrow, pytest, hypothesis.
+# machine and the date. Needs torch with CUDA, triton, transformers, pyarrow, pytest, hypothesis, accelerate.
 set -u
 OUT=${OUT:-/tmp/amid_gpu}
 mkdir -p "$OUT"
@@ -26,7 +26,8 @@ step() {  # step NAME SECONDS COMMAND...: run it, its output to $OUT/NAME.txt, o
 step bench 360 python -m benchmarks.run --json "$OUT/gpu.json"
 # The compiled (Triton) kernels against float64: accuracy at large logit offsets, q_tail -> 1,
 # confident students; fused vs materialised. (On the CPU these run only with AMID_TEST_COMPILE=1.)
+# tests/test_placement.py: cache-teacher --device-map auto on the GPU (one GPU: no split across GPUs).
 step tests 150 python -m pytest -q -p no:cacheprovider tests/test_float32_accuracy.py tests/test_fused.py \
-  tests/test_student_bins.py
+  tests/test_student_bins.py tests/test_placement.py
 step accuracy 60 python -m benchmarks.accuracy --device cuda
 cat "$OUT/steps.txt"

@@ -159,3 +159,17 @@ def test_cache_teacher_with_a_device_map_writes_the_cache_a_plain_run_writes(tmp
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
     with pytest.raises(ValueError, match="--device cpu and --device-map auto: pass one"):
         CacheConfig(teacher="t", data="d", out="o", device="cpu", device_map="auto")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_session.sh runs it)")
+def test_cache_teacher_with_a_device_map_on_a_gpu_equals_one_on_that_gpu(tmp_path):
+    teacher = save_teacher(tmp_path / "teacher", "qwen2", tokenizer_vocab=300, model_vocab=320)
+    data = write_jsonl(tmp_path / "d.jsonl", instruction_records(6, seed=4))
+    kw = dict(teacher=str(teacher), data=str(data), top_k=8)
+    cache_teacher(CacheConfig(out=str(tmp_path / "one"), device="cuda:0", **kw), progress=False, log=lambda m: None)
+    lines = []
+    cache_teacher(CacheConfig(out=str(tmp_path / "map"), device_map="auto", **kw), progress=False, log=lines.append)
+    assert any("on cuda:0 (--device-map auto)" in line for line in lines)
+    for a, b in zip(open_cache(tmp_path / "one"), open_cache(tmp_path / "map"), strict=True):
+        for key in ("topk_ids", "topk_logprobs", "tail_logmass"):
+            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
