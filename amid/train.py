@@ -830,7 +830,9 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
                              f"pick a student with a longer context)")
     plan = Plan(metas, train_rows, cfg.seed, cfg.batch_size, cfg.max_tokens, cfg.shuffle_buffer, cfg.shuffle_tokens)
     if plan.examples == 0:
-        raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction}")
+        raise TrainError(f"{cfg.cache}: no training examples left after holding out --eval-fraction {cfg.eval_fraction} "
+                         f"(at least one record, with every turn of a split conversation); pass --eval-fraction 0 "
+                         f"or hold out a separate --eval-cache")
     eval_batches = _eval_batches(eval_cache, eval_rows, eval_metas, cfg, pad_id)
     # A step is grad_accum batches on each rank: grad_accum × world of the one stream.
     per_step = cfg.grad_accum * ranks.world

@@ -460,6 +460,13 @@ def test_a_student_with_a_shorter_context_or_a_foreign_out_is_refused_writing_no
     assert not (Path(world["cache"]) / "metrics.jsonl").exists()
 
 
+def test_a_cache_held_out_whole_is_refused_with_what_to_do(world, tmp_path):
+    with pytest.raises(TrainError, match=r"no training examples left after holding out --eval-fraction 0.9999 .*pass "
+                                         r"--eval-fraction 0 or hold out a separate --eval-cache"):
+        train(config(world, tmp_path / "run", eval_fraction=0.9999), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_killed_after_its_last_checkpoint_finishes_its_writes(world, tmp_path):
     # Killed between the last checkpoint and summary.json (saving final/ can take minutes for a
     # large student): --resume trains nothing, writes final/ and a summary from the metrics log.
