@@ -150,6 +150,8 @@ CHAT_KWARGS_HELP = ("Chat data: keyword arguments of the chat template itself, a
               help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
 @click.option("--chat-template-kwargs", default=None, callback=_json_object,
               help=CHAT_KWARGS_HELP)
+@click.option("--chat-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Conversations: every assistant turn is a target, or only the last (the others are context).")
 @click.option("--split", default="train", show_default=True,
               help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
@@ -319,6 +321,8 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
               help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
 @click.option("--chat-template-kwargs", default=None, callback=_json_object,
               help=CHAT_KWARGS_HELP)
+@click.option("--chat-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+              help="Conversations: every assistant turn is a target, or only the last (the others are context).")
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--split", default="train", show_default=True,

@@ -90,6 +90,7 @@ class TemplateConfig:
     messages_field: str = "messages"  # chat: a list of {"role", "content"} messages per record
     # chat: keyword arguments of the template itself (Qwen3's {"enable_thinking": false})
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_turns: str = "all"  # chat: "all" assistant turns are targets, or only the "last" of each conversation
     max_length: int = 1024
     overflow: str = "error"  # "error" | "truncate" | "skip"
     add_eos: bool = True
@@ -104,6 +105,8 @@ class TemplateConfig:
         if self.chat_template_kwargs is not None and not (
                 isinstance(self.chat_template_kwargs, dict) and all(isinstance(k, str) for k in self.chat_template_kwargs)):
             raise ValueError(f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
+        if self.chat_turns not in ("all", "last"):
+            raise ValueError(f"--chat-turns must be all or last, got {self.chat_turns!r}")
 
 
 # An example's id is its record's index; the n-th later example of a record that makes several (a
@@ -513,6 +516,9 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
             prompt, target = _split(record, template, cfg, where)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": _unclosed(target, closing)}]
         turns = _answers(messages)
+        if cfg.chat_turns == "last":  # the earlier answers are context: one example, whatever the template
+            turns = turns[-1:]
+            messages = messages[: turns[0] + 1] if turns else messages
         return _conversation(tokenizer, messages, turns, cfg, where) if turns else []
     prompt, target = _split(record, template, cfg, where)
     target = _unclosed(target, closing)

@@ -205,6 +205,7 @@ class EvalConfig:
     text_field: str = "text"
     messages_field: str = "messages"
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_turns: str = "all"
     max_length: int = 1024
     limit: int | None = None
     split: str = "train"  # of a datasets name or a save_to_disk DatasetDict
@@ -241,7 +242,7 @@ def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict[str, Any]:
     template = TemplateConfig(template=cfg.template, prompt_field=cfg.prompt_field,
                               response_field=cfg.response_field, text_field=cfg.text_field,
                               messages_field=cfg.messages_field, chat_template_kwargs=cfg.chat_template_kwargs,
-                              max_length=cfg.max_length, overflow="truncate")
+                              chat_turns=cfg.chat_turns, max_length=cfg.max_length, overflow="truncate")
     result: dict[str, Any] = {"model": cfg.model, "model_dir": resolve_model(cfg.model),
                               "data": cfg.data}
     result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device, split=cfg.split))

@@ -114,6 +114,7 @@ def _eval_template(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"template": "chat" if data.get("template") == "chat" else "auto",
             **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text", "messages")},
             **({"chat_template_kwargs": data["chat_template_kwargs"]} if data.get("chat_template_kwargs") else {}),
+            **({"chat_turns": data["chat_turns"]} if data.get("chat_turns") else {}),
             **({"max_length": data["max_length"]} if isinstance(data.get("max_length"), int) else {})}
 
 

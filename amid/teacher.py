@@ -64,6 +64,7 @@ class CacheConfig:
     text_field: str = "text"
     messages_field: str = "messages"
     chat_template_kwargs: dict[str, Any] | None = None  # --template chat: the template's own arguments
+    chat_turns: str = "all"  # --template chat: every assistant turn a target, or the "last" of each conversation
     split: str = "train"
     limit: int | None = None
     overflow: str = "error"
@@ -91,6 +92,7 @@ class CacheConfig:
         return TemplateConfig(
             template=self.template, prompt_field=self.prompt_field, response_field=self.response_field,
             messages_field=self.messages_field, chat_template_kwargs=self.chat_template_kwargs,
+            chat_turns=self.chat_turns,
             text_field=self.text_field, max_length=self.max_length, overflow=self.overflow,
         )
 
@@ -293,6 +295,7 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
                       else {})},
         # Only where given: caches made without keep the identity they always had.
         **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}),
+        **({"chat_turns": cfg.chat_turns} if cfg.chat_turns != "all" else {}),
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
         "examples_per_shard": cfg.examples_per_shard, "positions_per_shard": cfg.positions_per_shard,
         # The content, not just the file name: resuming over edited data must be refused.

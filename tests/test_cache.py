@@ -978,7 +978,7 @@ def test_chat_messages_data_is_cached_turn_by_turn(tmp_path):
     assert "messages" not in manifest["data"]["fields"]
 
 
-def test_chat_template_kwargs_are_part_of_the_caches_data_and_its_evaluation(tmp_path):
+def test_chat_template_settings_are_part_of_the_caches_data_and_its_evaluation(tmp_path):
     from helpers import NO_THINKING_TEMPLATE, save_teacher
 
     from amid.sweep import _eval_template
@@ -995,6 +995,9 @@ def test_chat_template_kwargs_are_part_of_the_caches_data_and_its_evaluation(tmp
                   chat_template_kwargs={"enable_thinking": True})
     plain = run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c2"), template="chat")
     assert "chat_template_kwargs" not in plain["data"] and "chat_template_kwargs" not in _eval_template(plain)
+    assert "chat_turns" not in plain["data"]  # the default: the identity caches always had
+    last = run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c3"), template="chat", chat_turns="last")
+    assert last["data"]["chat_turns"] == "last" and _eval_template(last)["chat_turns"] == "last"
 
 
 def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_path):

@@ -625,6 +625,22 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
         build_examples(load_records(str(g)), t, TemplateConfig(max_length=len(first.input_ids) + 1), str(g))
 
 
+def test_chat_turns_last_makes_the_earlier_answers_context(tok_chat):
+    cfg = TemplateConfig(chat_turns="last")
+    (ex,), _, _ = build_examples([{"messages": CONVERSATION}], tok_chat, cfg, "m")
+    assert tok_chat.decode(targets(ex)) == "Red.<|im_end|>\n"
+    assert ex.input_ids == _rendered(tok_chat, CONVERSATION[:5])  # the same sequence as with every turn
+    # A template that rewrites earlier turns: one example, not one per turn.
+    t = train_tokenizer(300, chat_template=THINKING_TEMPLATE)
+    talk = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "<think>\na\n</think>\n\nA1."},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>\nb\n</think>\n\nA2."}]
+    (only,), stats, _ = build_examples([{"messages": talk}], t, cfg, "m")
+    assert stats.split_conversations == 0 and only.input_ids == _rendered(t, talk)
+    assert t.decode(targets(only)) == "<think>\nb\n</think>\n\nA2.<|im_end|>\n"
+    with pytest.raises(ValueError, match="--chat-turns must be all or last"):
+        TemplateConfig(chat_turns="first")
+
+
 def test_chat_template_kwargs_reach_the_template():
     # Qwen3 with enable_thinking=False: the empty <think> block is the generation prompt's, so it
     # is context; without the argument the turn as rendered opens with it and it is a target.
