@@ -42,9 +42,11 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except Interrupted as exc:  # stopped on a signal, its work saved: rank 0 says how to continue
             raise Stopped(str(exc) if rank == 0 else None, exc.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             what = INTERRUPTED.get(click.get_current_context().info_name, "")
-            raise Stopped(f"interrupted{'; ' + what if what else ''}" if rank == 0 else None, 130) from None
+            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+            raise Stopped(f"{how}{'; ' + what if what else ''}" if rank == 0 else None,
+                          143 if isinstance(exc, Terminated) else 130) from None
         except OSError as exc:  # FileNotFoundError too
             message = first_line(exc)
             raise click.ClickException(f"rank {rank}: {message}" if world > 1 else message) from None
@@ -60,6 +62,21 @@ def friendly_errors(fn):
             raise click.ClickException(f"rank {rank}: {first_line(exc)}" if own else first_line(exc)) from None
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit) where a command has no safe point of its own: ends it as
+    Ctrl-C does, with SIGTERM's exit status."""
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM raises Terminated in the main thread, unless whoever started amid ignores it."""
+    import signal
+
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        def handler(signum, frame):
+            raise Terminated()
+        signal.signal(signal.SIGTERM, handler)
 
 
 # What an interruption outside a command's own safe points leaves (amid train saves at the end of
@@ -175,6 +192,7 @@ def cache_teacher_cmd(quiet: bool, **options) -> None:
     from amid.teacher import CacheConfig, cache_teacher
 
     cfg = CacheConfig(**options)
+    _terminate_as_interrupt()  # a killed run resumes anyway; this says so
     click.echo(f"config: {json.dumps(dataclasses.asdict(cfg))}", err=True)
     _quiet_transformers(quiet)
     cache_teacher(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))

@@ -27,7 +27,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from amid.errors import first_line
 
@@ -105,8 +105,28 @@ class TemplateConfig:
         if self.chat_template_kwargs is not None and not (
                 isinstance(self.chat_template_kwargs, dict) and all(isinstance(k, str) for k in self.chat_template_kwargs)):
             raise ValueError(f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
+        taken = sorted(set(self.chat_template_kwargs or ()) & set(CHAT_CALL_ARGUMENTS))
+        if taken:
+            raise ValueError(f"--chat-template-kwargs: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} set by "
+                             f"amid itself; pass only the template's own arguments (e.g. enable_thinking)")
         if self.chat_turns not in ("all", "last"):
             raise ValueError(f"--chat-turns must be all or last, got {self.chat_turns!r}")
+
+
+class Encoded(NamedTuple):
+    """One example of a record: input_ids and the [start, end) spans of its target tokens.
+    `loose`: an answer after a context that the template renders otherwise once the answer
+    follows, so it is the answer as written, closed by hand (see `_conversation`)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    loose: bool = False
+
+
+# Arguments amid passes to apply_chat_template itself: not for --chat-template-kwargs.
+CHAT_CALL_ARGUMENTS = ("conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                       "return_tensors", "return_dict", "return_assistant_tokens_mask", "padding", "truncation",
+                       "max_length", "tokenizer_kwargs", "chat_template")
 
 
 # An example's id is its record's index; the n-th later example of a record that makes several (a
@@ -145,6 +165,8 @@ class BuildStats:
     first_empty: str | None = None  # where the first record without a target came from
     split_conversations: int = 0  # conversations made into one example per assistant turn
     first_split: str | None = None  # where the first of them came from
+    loose_answers: int = 0  # answers after a context the template renders otherwise (Encoded.loose)
+    first_loose: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -500,7 +522,7 @@ def closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, .
 
 
 def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig, where: str,
-            closing: tuple[str, ...] = ()) -> list[tuple[list[int], list[tuple[int, int]]]]:
+            closing: tuple[str, ...] = ()) -> list[Encoded]:
     """The record's examples: input_ids and the [start, end) spans of its target tokens (one
     span, or one per assistant turn of a conversation). Usually one; none for a record with
     nothing to learn (empty text, or an instruction record with an empty response: its only target
@@ -529,7 +551,7 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _wants_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     ids = bos + prompt_ids + target_ids + eos
-    return [(ids, [(len(bos) + len(prompt_ids), len(ids))])]
+    return [Encoded(ids, [(len(bos) + len(prompt_ids), len(ids))])]
 
 
 def _unclosed(text: str, closing: tuple[str, ...]) -> str:
@@ -568,7 +590,7 @@ def _answers(messages: list[dict[str, Any]]) -> list[int]:
 
 
 def _conversation(tokenizer, messages: list[dict[str, Any]], turns: list[int], cfg: TemplateConfig,
-                  where: str) -> list[tuple[list[int], list[tuple[int, int]]]]:
+                  where: str) -> list[Encoded]:
     """input_ids of a conversation through the chat template, and the [start, end) token spans of
     its target assistant turns (`turns`, indices into `messages`: each turn as the template
     renders it, its end of turn included), as a list of one example. The template renders the
@@ -587,11 +609,11 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], turns: list[int], c
         cut = _token_cuts(tokenizer, text, [len(t) for t in (*starts, *ends)])
         if cut is not None:
             full, at = cut
-            return [(full, list(zip(at[: len(turns)], at[len(turns):])))]
+            return [Encoded(full, list(zip(at[: len(turns)], at[len(turns):])))]
     full, *rest = tokenizer([text, *starts, *ends], add_special_tokens=False)["input_ids"]
     before, upto = rest[: len(turns)], rest[len(turns):]
     if all(full[: len(b)] == b and full[: len(u)] == u for b, u in zip(before, upto)):
-        return [(full, [(len(b), len(u)) for b, u in zip(before, upto)])]
+        return [Encoded(full, [(len(b), len(u)) for b, u in zip(before, upto)])]
     # The tokens of a context are not a prefix of the conversation's: a turn that starts with a
     # newline merges with the template's own ("\n" + "\n" -> "\n\n"), or the template renders an
     # earlier turn differently once more follow. Splice at the text level: the rendered text cut
@@ -615,11 +637,17 @@ def _conversation(tokenizer, messages: list[dict[str, Any]], turns: list[int], c
             ids += context
             spans.append((len(ids), len(ids) + len(turn)))
             ids += turn
-        return [(ids, spans)]
-    if len(turns) == 1:  # one answer after a context the template rewrites: the answer closed by EOS
-        eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
-        target = tokenizer(messages[turns[0]]["content"], add_special_tokens=False)["input_ids"] + eos
-        return [(before[0] + target, [(len(before[0]), len(before[0]) + len(target))])]
+        return [Encoded(ids, spans)]
+    if len(turns) == 1:
+        # One answer after a context that the template renders otherwise once the answer follows (a
+        # prompt rewritten; reasoning in a turn whose generation prompt opens with an empty <think>,
+        # as Qwen3's does with enable_thinking false): the answer as written after the context as
+        # generation sees it, closed by the template's end of turn (EOS where it has none).
+        end = chat_end_of_turn(tokenizer)
+        close = ([end] if end is not None else
+                 [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else [])
+        target = tokenizer(messages[turns[0]]["content"], add_special_tokens=False)["input_ids"] + close
+        return [Encoded(before[0] + target, [(len(before[0]), len(before[0]) + len(target))], loose=True)]
     return [example for i in turns for example in _conversation(tokenizer, messages[: i + 1], [i], cfg, where)]
 
 
@@ -710,7 +738,7 @@ def build_examples(
         if len(encoded) > 1:
             stats.split_conversations += 1
             stats.first_split = stats.first_split or where(records, index, source)
-        for n, (ids, spans) in enumerate(encoded):
+        for n, (ids, spans, loose) in enumerate(encoded):
             cut = False
             if len(ids) > cfg.max_length:
                 if cfg.overflow == "error":
@@ -724,7 +752,6 @@ def build_examples(
                     stats.skipped_too_long += 1
                     continue
                 ids = ids[: cfg.max_length]
-                stats.truncated += 1
                 cut = True
             # Position t - 1 predicts token t: every target token after the first token of the sequence.
             positions = [t - 1 for start, end in spans for t in range(max(start, 1), min(end, len(ids)))]
@@ -733,6 +760,10 @@ def build_examples(
                 stats.first_empty = stats.first_empty or where(records, index, source)
                 stats.cut_by_length += cut  # its targets lay past --max-length
                 continue
+            stats.truncated += cut  # kept, cut short
+            if loose:
+                stats.loose_answers += 1
+                stats.first_loose = stats.first_loose or where(records, index, source)
             examples.append(Example(example_id=index | n << TURN_SHIFT, input_ids=ids, positions=positions))
     stats.examples = len(examples)
     if not examples:

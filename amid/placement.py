@@ -10,6 +10,7 @@ only thing amid adds is the float32 LM head's room on the GPU that holds the hea
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from amid.errors import first_line
 from amid.models import ModelError, _source
 
-__all__ = ["process_gpus", "spread_device_map", "GPU_MEMORY_SHARE"]
+__all__ = ["process_gpus", "spread_device_map", "need_accelerate", "GPU_MEMORY_SHARE"]
 
 # Of each GPU's free memory, the share the teacher's weights may take; the rest is for the
 # activations of a forward batch (--max-tokens tokens) and the top-k.
@@ -36,6 +37,17 @@ def process_gpus(count: int, local_rank: int = 0, local_world: int = 1) -> list[
     return list(range(local_rank * share, (local_rank + 1) * share))
 
 
+def need_accelerate() -> None:
+    """ModelError unless accelerate imports (it plans and runs the spread model)."""
+    try:
+        importlib.import_module("accelerate.utils")  # accelerate itself, and what it needs
+    except ImportError as exc:
+        installed = (getattr(exc, "name", None) or "").split(".")[0] != "accelerate"  # its own import failed
+        raise ModelError("--device-map auto needs accelerate: " + (
+            f"it is installed but does not import ({first_line(exc)})" if installed
+            else "pip install accelerate (or amid[device-map])")) from None
+
+
 def _size(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -50,11 +62,9 @@ def spread_device_map(name: str, what: str, trust_remote_code: bool, dtype: torc
     is set aside on the GPU that holds it. Without GPUs everything goes to the CPU. ModelError
     where the GPUs cannot hold the model (`processes`: how many share this node's GPUs, for
     the advice)."""
-    try:
-        from accelerate import infer_auto_device_map, init_empty_weights
-        from accelerate.utils import get_balanced_memory
-    except ImportError:
-        raise ModelError("--device-map auto needs accelerate: pip install accelerate (or amid[device-map])") from None
+    need_accelerate()
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from accelerate.utils import get_balanced_memory
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = _source(name, what, "model")

@@ -30,13 +30,14 @@ from amid.cache import (
     MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_shards, is_cache_entry,
     make_header, mismatch_message, progress_name, temporary_files,
 )
-from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
+from amid.data import (TURN_SHIFT, DataError, Example, TemplateConfig, build_examples, iter_batches, load_records,
+                       where)
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.lock import DirLock
 from amid.models import ModelError, load_model, load_tokenizer, model_context, resolve_model
 from amid.paths import same_path
-from amid.placement import process_gpus, spread_device_map
+from amid.placement import need_accelerate, process_gpus, spread_device_map
 from amid.loader import pad_examples
 
 __all__ = ["CacheConfig", "cache_teacher", "tokenizer_identity", "model_identity", "teacher_topk", "resolve_device",
@@ -236,18 +237,15 @@ def _writer_alive(temporary: Path) -> bool:
 def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, world: int) -> dict[str, Any]:
     start = time.time()
     out = Path(cfg.out)
+    if cfg.device_map:
+        need_accelerate()  # before the data is read, which may take minutes
     tokenizer = load_tokenizer(cfg.teacher, "--teacher", cfg.trust_remote_code)
     records = load_records(cfg.data, split=cfg.split, limit=cfg.limit)
     # The teacher's context from its config (its weights load after the data is checked): for hints.
     examples, stats, template = build_examples(records, tokenizer, cfg.template_config(), cfg.data,
                                                model_context(cfg.teacher, cfg.trust_remote_code))
-    if stats.skipped_empty and rank == 0:
-        log(f"note: {stats.skipped_empty} of {stats.records} records have no target token (an empty response "
-            f"or text, or a prompt that fills --max-length) and are skipped; the first: {stats.first_empty}")
-    if stats.split_conversations and rank == 0:
-        log(f"note: the chat template renders the earlier turns of {stats.split_conversations} conversations "
-            f"differently once more turns follow (Qwen3's drops their <think> blocks); each of their assistant turns "
-            f"is an example of its own, the conversation up to it as context; the first: {stats.first_split}")
+    if rank == 0:
+        _data_notes(cfg, stats, template, log)
 
     if cfg.device_map:  # a teacher larger than one GPU: its layers over this process's GPUs
         _, local_rank, _ = world_from_env()
@@ -275,8 +273,10 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     context = context_length(model)
     longest = max(examples, key=lambda e: len(e.input_ids))
     if context and len(longest.input_ids) > context:
+        later = longest.example_id >> TURN_SHIFT  # a split conversation's later example
+        turn = f" (its assistant turn {later + 1})" if later else ""
         raise DataError(
-            f"{where(records, longest.record, cfg.data)}: the example has {len(longest.input_ids)} tokens, "
+            f"{where(records, longest.record, cfg.data)}: the example{turn} has {len(longest.input_ids)} tokens, "
             f"more than the teacher's context of {context}; pass --max-length {context} (with --overflow "
             f"truncate or skip)"
         )
@@ -294,8 +294,9 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
                    **({"messages": cfg.messages_field} if template == "chat" and cfg.messages_field in records[0]
                       else {})},
         # Only where given: caches made without keep the identity they always had.
-        **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}),
-        **({"chat_turns": cfg.chat_turns} if cfg.chat_turns != "all" else {}),
+        **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs and template == "chat"
+           else {}),
+        **({"chat_turns": cfg.chat_turns} if cfg.chat_turns != "all" and template == "chat" else {}),
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
         "examples_per_shard": cfg.examples_per_shard, "positions_per_shard": cfg.positions_per_shard,
         # The content, not just the file name: resuming over edited data must be refused.
@@ -428,6 +429,29 @@ def _examples_digest(examples: list[Example]) -> str:
 
 
 @torch.no_grad()
+def _data_notes(cfg: CacheConfig, stats, template: str, log) -> None:
+    """What build_examples did that a user should know: records skipped, conversations split,
+    answers closed by hand, chat settings without effect."""
+    if stats.skipped_empty:
+        what = (f"{stats.skipped_empty} examples (records, or turns of split conversations)" if stats.split_conversations
+                else f"{stats.skipped_empty} of {stats.records} records")
+        log(f"note: {what} have no target token (an empty response or text, or a prompt that fills --max-length) and "
+            f"are skipped; the first: {stats.first_empty}")
+    if stats.split_conversations:
+        log(f"note: the chat template renders the earlier turns of {stats.split_conversations} conversations "
+            f"differently once more turns follow (Qwen3's drops their <think> blocks and opens only the last turn with "
+            f"an empty one); each of their assistant turns is an example of its own, the conversation up to it as "
+            f"context (--chat-turns last: only the last answer); the first: {stats.first_split}")
+    if stats.loose_answers:
+        log(f"note: {stats.loose_answers} answers follow a generation prompt that the chat template renders otherwise "
+            f"once the answer is added (reasoning in an answer under enable_thinking false, a rewritten prompt): each "
+            f"is the answer as written after the prompt, closed by the template's end of turn; the first: "
+            f"{stats.first_loose}")
+    if template != "chat" and (cfg.chat_template_kwargs or cfg.chat_turns != "all"):
+        log(f"note: --chat-template-kwargs / --chat-turns apply to the chat template only; template {template} "
+            f"ignores them")
+
+
 def _forward(logits: TargetLogits, batch: list[Example], k: int, temperature: float, device: torch.device, pad: int,
              where_is: Callable[[Example], str]):
     """Yield (ids, logprobs, tail) as NumPy arrays per example of a right-padded batch.

@@ -46,11 +46,12 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# ChatML that, like Qwen3's template, opens the last assistant turn with an empty <think> block,
-# and puts that block in the generation prompt when called with enable_thinking=False.
+# ChatML that, like Qwen3's template, opens the last assistant turn with an empty <think> block
+# (unless its content brings one), and puts that block in the generation prompt when called with
+# enable_thinking=False.
 NO_THINKING_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last %}"
-    "<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and loop.last "
+    "and '</think>' not in m['content'] %}<think>\n\n</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}"
     "<think>\n\n</think>\n\n{% endif %}{% endif %}"
 )

@@ -480,6 +480,27 @@ def test_resume_after_sigkill_equals_uninterrupted_run(teachers, tmp_path):
     assert_same_cache(out, ref)
 
 
+@pytest.mark.slow
+def test_sigterm_stops_cache_teacher_in_one_line_and_the_rerun_finishes(teachers, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", instruction_records(200, seed=8))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "out"
+    cmd = _cli_cache_cmd(teachers["gpt2"], data, out)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and not _visible_shards(out) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("Stopped: stopped by SIGTERM; the finished shards are kept: rerun the same "
+                                            "command to continue"), err[-2000:]
+    assert "Traceback" not in err
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    open_cache(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Damaged shards
 
@@ -998,6 +1019,12 @@ def test_chat_template_settings_are_part_of_the_caches_data_and_its_evaluation(t
     assert "chat_turns" not in plain["data"]  # the default: the identity caches always had
     last = run_cache(teacher=str(teacher), data=str(data), out=str(tmp_path / "c3"), template="chat", chat_turns="last")
     assert last["data"]["chat_turns"] == "last" and _eval_template(last)["chat_turns"] == "last"
+    # Without the chat template they do nothing: said, and not made part of the cache's identity.
+    lines = []
+    other = cache_teacher(CacheConfig(teacher=str(teacher), data=str(data), out=str(tmp_path / "c4"), template="plain",
+                                      chat_template_kwargs=off, chat_turns="last"), progress=False, log=lines.append)
+    assert any("apply to the chat template only; template plain ignores them" in line for line in lines)
+    assert "chat_template_kwargs" not in other["data"] and "chat_turns" not in other["data"]
 
 
 def test_conversations_a_template_rewrites_are_cached_one_example_per_turn(tmp_path):

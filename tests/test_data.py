@@ -171,8 +171,8 @@ def test_max_length_error_truncate_skip(tok):
     n_short = len(enc(tok, recs[0]["prompt"] + recs[0]["response"])) + 1
     assert len(enc(tok, recs[1]["prompt"])) >= n_short
     exs, stats, _ = build_examples(recs, tok, TemplateConfig(max_length=n_short, overflow="truncate"), "src")
-    assert [e.example_id for e in exs] == [0] and stats.skipped_empty == 1 and stats.truncated == 1
-    assert stats.cut_by_length == 1
+    assert [e.example_id for e in exs] == [0] and stats.skipped_empty == 1 and stats.cut_by_length == 1
+    assert stats.truncated == 0  # counted once: dropped for want of a target, not also "truncated"
     with pytest.raises(ValueError):
         TemplateConfig(overflow="drop")
     # When nothing is left the error names the length, not the fields; with the model's context
@@ -656,6 +656,15 @@ def test_chat_template_kwargs_reach_the_template():
     assert off.input_ids == default.input_ids  # the same text; only where the target starts moved
     with pytest.raises(ValueError, match="--chat-template-kwargs must be a JSON object"):
         TemplateConfig(chat_template_kwargs=["enable_thinking"])
+    with pytest.raises(ValueError, match="--chat-template-kwargs: add_generation_prompt, tokenize are set by amid"):
+        TemplateConfig(chat_template_kwargs={"tokenize": True, "add_generation_prompt": True, "tools": []})
+    # Reasoning in an answer whose generation prompt opens with an empty <think> block: no one
+    # sequence holds both, so the answer follows the prompt as written, closed by the template's
+    # end of turn (not EOS), and counted.
+    thought = {"prompt": "Name a colour.", "response": "<think>\nblue?\n</think>\n\nBlue."}
+    (_, loose), stats, _ = build_examples([record, thought], t, cfg, "m")
+    assert stats.loose_answers == 1 and stats.first_loose == "m record 2"
+    assert t.decode(targets(loose)) == "<think>\nblue?\n</think>\n\nBlue.<|im_end|>"
 
 
 def _random_conversations(seed: int, n: int):

@@ -173,3 +173,14 @@ def test_cache_teacher_with_a_device_map_on_a_gpu_equals_one_on_that_gpu(tmp_pat
     for a, b in zip(open_cache(tmp_path / "one"), open_cache(tmp_path / "map"), strict=True):
         for key in ("topk_ids", "topk_logprobs", "tail_logmass"):
             np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
+def test_without_accelerate_device_map_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    import sys
+
+    for name in ("accelerate", "accelerate.utils"):  # not installed (imported by the tests above: blocked)
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ModelError, match=r"^--device-map auto needs accelerate: pip install accelerate"):
+        cache_teacher(CacheConfig(teacher=str(tmp_path / "t"), data=str(tmp_path / "missing.jsonl"),
+                                  out=str(tmp_path / "c"), device_map="auto"), progress=False, log=lambda m: None)
+    assert not (tmp_path / "c").exists()
