@@ -248,11 +248,12 @@ def cache_info_cmd(cache_dir: str, verify: bool, as_json: bool) -> None:
         click.echo(f"{name:<{width}}  {value}")
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _floats(text: str, flag: str | None = None) -> tuple[float, ...]:
+    """Comma-separated numbers; a BadParameter naming `flag` (the option) otherwise."""
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=flag) from None
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -318,7 +319,7 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
         if text.strip() and not all(x.strip() for x in text.split(",")):
             raise ValueError(f"{option} {text!r}: an empty item; give a comma list without empty items")
     # An empty list is expand_grid's to judge: --alpha "" is fine for presets without α (kd, rkl, ...).
-    cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas), lams=_floats(lams),
+    cfg = SweepConfig(presets=_words(presets), alphas=_floats(alphas, "--alpha"), lams=_floats(lams, "--lam"),
                       divergences=_words(divergences), orders=_words(orders), devices=_words(devices),
                       train_overrides=overrides, **options)
     click.echo(run_sweep(cfg, log=lambda m: click.echo(m, err=True)))
@@ -362,7 +363,10 @@ def eval_cmd(seeds: str, quiet: bool, **options) -> None:
     from amid.evaluate import EvalConfig, evaluate
 
     _quiet_transformers(quiet)
-    result = evaluate(EvalConfig(seeds=tuple(int(x) for x in _floats(seeds)), **options),
+    numbers = _floats(seeds, "--seeds")
+    if any(x != int(x) for x in numbers):
+        raise click.BadParameter(f"sampling seeds are whole numbers, got {seeds!r}", param_hint="--seeds")
+    result = evaluate(EvalConfig(seeds=tuple(int(x) for x in numbers), **options),
                       log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result, indent=2))
 

@@ -190,3 +190,16 @@ def test_eval_out_replacing_an_earlier_evaluation_says_so(tmp_path):
     assert (f"note: {out / 'eval.json'} replaced an earlier evaluation's (its generations.jsonl removed: this one "
             f"has no --rouge)") in again.stderr
     assert not (out / "generations.jsonl").exists() and json.loads((out / "eval.json").read_text())["examples"] == 3
+
+
+def test_bad_seeds_and_grid_numbers_name_their_option():
+    from click.testing import CliRunner
+
+    from amid.cli import main
+
+    for args, message in ((["eval", "--model", "m", "--data", "d", "--seeds", "1,x"], "--seeds: expected comma"),
+                          (["eval", "--model", "m", "--data", "d", "--seeds", "1.5"], "--seeds: sampling seeds are whole"),
+                          (["sweep", "--cache", "c", "--student", "s", "--out", "o", "--alpha", "0.5,a"],
+                           "--alpha: expected comma")):
+        out = CliRunner().invoke(main, args)
+        assert out.exit_code == 2 and f"Invalid value for {message}" in out.output, out.output
