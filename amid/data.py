@@ -66,6 +66,9 @@ EXAMPLE_CHANGES = {
     "0.4.0": "a chat response whose first token merges with the prompt's keeps the template's end of turn; a "
              "text record or chat response that ends in its closing token's text is closed once; records with a "
              "messages field are conversations (--template auto picks chat for them)",
+    "0.5.0": "a chat answer after a prompt the template renders otherwise once the answer follows is closed by the "
+             "template's end of turn, not EOS (conversations such templates rewrite, refused before, are split into "
+             "one example per turn)",
 }
 
 

@@ -974,6 +974,8 @@ def test_a_cache_started_by_another_amid_version_says_so():
     assert "made by amid 0.2.0, which turned the same data into other examples than amid 0.3.0 does (0.3.0: " in message
     assert "0.4.0" not in message
     assert "0.4.0: a chat response" in mismatch_message(Path("c"), header, {**newer, "amid_version": "0.4.0"})
+    assert "0.5.0: a chat answer" in mismatch_message(Path("c"), {**header, "amid_version": "0.4.0"},
+                                                      {**newer, "amid_version": "0.5.0"})
     assert message.endswith("or finish this one with amid 0.2.0")  # incomplete: no manifest there
     same_version = {**newer, "amid_version": "0.2.0"}
     assert "different data (the examples' content)" in mismatch_message(Path("c"), header, same_version)
