@@ -137,8 +137,19 @@ def _json_object(ctx, param, value: str | None) -> dict | None:
     return parsed
 
 
-CHAT_KWARGS_HELP = ("Chat data: keyword arguments of the chat template itself, a JSON object "
-                    "(Qwen3's '{\"enable_thinking\": false}').")
+def chat_options(fn):
+    """The chat data options cache-teacher and eval share (the cache records them; sweep reads them there)."""
+    for option in reversed((
+        click.option("--messages-field", default="messages", show_default=True,
+                     help="Chat data: a list of {role, content} messages per record; every assistant turn is a target."),
+        click.option("--chat-template-kwargs", default=None, callback=_json_object,
+                     help="Chat data: keyword arguments of the chat template itself, a JSON object "
+                          "(Qwen3's '{\"enable_thinking\": false}')."),
+        click.option("--chat-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
+                     help="Conversations: every assistant turn is a target, or only the last (the others are context)."),
+    )):
+        fn = option(fn)
+    return fn
 
 
 @main.command("cache-teacher")
@@ -163,12 +174,7 @@ CHAT_KWARGS_HELP = ("Chat data: keyword arguments of the chat template itself, a
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--messages-field", default="messages", show_default=True,
-              help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
-@click.option("--chat-template-kwargs", default=None, callback=_json_object,
-              help=CHAT_KWARGS_HELP)
-@click.option("--chat-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Conversations: every assistant turn is a target, or only the last (the others are context).")
+@chat_options
 @click.option("--split", default="train", show_default=True,
               help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
@@ -336,12 +342,7 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--text-field", default="text", show_default=True)
-@click.option("--messages-field", default="messages", show_default=True,
-              help="Chat data: a list of {role, content} messages per record; every assistant turn is a target.")
-@click.option("--chat-template-kwargs", default=None, callback=_json_object,
-              help=CHAT_KWARGS_HELP)
-@click.option("--chat-turns", type=click.Choice(["all", "last"]), default="all", show_default=True,
-              help="Conversations: every assistant turn is a target, or only the last (the others are context).")
+@chat_options
 @click.option("--max-length", default=1024, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
 @click.option("--split", default="train", show_default=True,
