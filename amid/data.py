@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from amid.errors import first_line
 
-__all__ = ["DataError", "TemplateConfig", "Example", "record_of", "load_records", "build_examples", "lm_blocks",
+__all__ = ["DataError", "TemplateConfig", "Example", "record_of", "CHAT_SETTINGS", "load_records", "build_examples", "lm_blocks",
            "TEMPLATES",
            "field_text", "where", "chat_end_of_turn", "EXAMPLE_CHANGES", "example_changes", "record_messages",
            "closing_texts"]
@@ -115,6 +115,12 @@ class TemplateConfig:
         if self.chat_turns not in ("all", "last"):
             raise ValueError(f"--chat-turns must be all or last, got {self.chat_turns!r}")
 
+    def chat_settings(self) -> dict[str, Any]:
+        """The chat options set away from their defaults (CHAT_SETTINGS): what a cache records
+        with its data, and an evaluation of the same format takes back."""
+        values = {name: getattr(self, name) for name in CHAT_SETTINGS}
+        return {name: v for name, v in values.items() if v and v != TemplateConfig.__dataclass_fields__[name].default}
+
 
 class Encoded(NamedTuple):
     """One example of a record: input_ids and the [start, end) spans of its target tokens.
@@ -125,6 +131,9 @@ class Encoded(NamedTuple):
     spans: list[tuple[int, int]]
     loose: bool = False
 
+
+# TemplateConfig's chat options that change the examples (`TemplateConfig.chat_settings`).
+CHAT_SETTINGS = ("chat_template_kwargs", "chat_turns")
 
 # Arguments amid passes to apply_chat_template itself: not for --chat-template-kwargs.
 CHAT_CALL_ARGUMENTS = ("conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
@@ -155,6 +164,11 @@ class Example:
     @property
     def record(self) -> int:
         return record_of(self.example_id)
+
+    @property
+    def turn(self) -> int:
+        """0, or n for the n-th later example of its record (a conversation split at its turns)."""
+        return self.example_id >> TURN_SHIFT
 
 
 @dataclass

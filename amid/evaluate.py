@@ -244,9 +244,7 @@ def evaluate(cfg: EvalConfig, log=lambda message: None) -> dict[str, Any]:
                               messages_field=cfg.messages_field, chat_template_kwargs=cfg.chat_template_kwargs,
                               chat_turns=cfg.chat_turns, max_length=cfg.max_length, overflow="truncate")
     result: dict[str, Any] = {"model": cfg.model, "model_dir": resolve_model(cfg.model),
-                              "data": cfg.data, "template": cfg.template,
-                              **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs else {}),
-                              **({"chat_turns": cfg.chat_turns} if cfg.chat_turns != "all" else {})}
+                              "data": cfg.data, "template": cfg.template, **template.chat_settings()}
     result.update(perplexity(model, tokenizer, cfg.data, template, limit=cfg.limit, device=device, split=cfg.split))
     if cfg.rouge:
         save = Path(cfg.out) / "generations.jsonl" if cfg.out else None

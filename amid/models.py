@@ -14,7 +14,8 @@ from pathlib import Path
 
 from amid.errors import first_line
 
-__all__ = ["ModelError", "check_model_name", "resolve_model", "model_context", "load_tokenizer", "load_model"]
+__all__ = ["ModelError", "check_model_name", "resolve_model", "model_context", "model_source", "load_tokenizer",
+           "load_model"]
 
 # Files one of which a saved tokenizer has (fast, SentencePiece, BPE or WordPiece vocabularies).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
@@ -96,9 +97,10 @@ def _is_model_config(path: Path) -> bool:
         return False
 
 
-def _source(name: str, what: str, need: str) -> str:
+def model_source(name: str, what: str, need: str) -> str:
     """What to hand transformers for `name` (`resolve_model`), once it is neither a missing local
-    path nor a directory transformers cannot use (named for what it is, not by a library message)."""
+    path nor a directory transformers cannot use (named for what it is, not by a library message).
+    `need`: "model" (a config.json must be there) or "tokenizer" (tokenizer files)."""
     check_model_name(name, what)
     name = resolve_model(name)
     path = Path(name)
@@ -121,7 +123,7 @@ def load_tokenizer(name: str, what: str, trust_remote_code: bool = False):
     ModelError naming `what` (e.g. "--student")."""
     from transformers import AutoTokenizer
 
-    name = _source(name, what, "tokenizer")
+    name = model_source(name, what, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as exc:  # OSError, ValueError, ...: what transformers raises varies by what is missing
@@ -134,7 +136,7 @@ def load_model(name: str, what: str, trust_remote_code: bool = False, **kwargs):
     directory that cannot be loaded, or weights it lacks."""
     from transformers import AutoModelForCausalLM
 
-    name = _source(name, what, "model")
+    name = model_source(name, what, "model")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code,
                                                            output_loading_info=True, **kwargs)

@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from amid.errors import first_line
-from amid.models import ModelError, _source
+from amid.models import ModelError, model_source
 
 __all__ = ["process_gpus", "spread_device_map", "need_accelerate", "GPU_MEMORY_SHARE"]
 
@@ -67,7 +67,7 @@ def spread_device_map(name: str, what: str, trust_remote_code: bool, dtype: torc
     from accelerate.utils import get_balanced_memory
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    source = _source(name, what, "model")
+    source = model_source(name, what, "model")
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         with init_empty_weights():

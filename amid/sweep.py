@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from amid.cache import write_json_atomic
+from amid.data import CHAT_SETTINGS
 from amid.distributed import world_from_env
 from amid.paths import same_setting
 from amid.stop import Interrupted, StopRequest, signal_name
@@ -113,8 +114,7 @@ def _eval_template(manifest: dict[str, Any]) -> dict[str, Any]:
     fields = data.get("fields", {})
     return {"template": "chat" if data.get("template") == "chat" else "auto",
             **{f"{k}_field": v for k, v in fields.items() if k in ("prompt", "response", "text", "messages")},
-            **({"chat_template_kwargs": data["chat_template_kwargs"]} if data.get("chat_template_kwargs") else {}),
-            **({"chat_turns": data["chat_turns"]} if data.get("chat_turns") else {}),
+            **{name: data[name] for name in CHAT_SETTINGS if data.get(name)},
             **({"max_length": data["max_length"]} if isinstance(data.get("max_length"), int) else {})}
 
 

@@ -30,8 +30,7 @@ from amid.cache import (
     MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_shards, is_cache_entry,
     make_header, mismatch_message, progress_name, temporary_files,
 )
-from amid.data import (TURN_SHIFT, DataError, Example, TemplateConfig, build_examples, iter_batches, load_records,
-                       where)
+from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
 from amid.distributed import world_from_env
 from amid.heads import TargetLogits, context_length
 from amid.lock import DirLock
@@ -273,8 +272,7 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     context = context_length(model)
     longest = max(examples, key=lambda e: len(e.input_ids))
     if context and len(longest.input_ids) > context:
-        later = longest.example_id >> TURN_SHIFT  # a split conversation's later example
-        turn = f" (its assistant turn {later + 1})" if later else ""
+        turn = f" (its assistant turn {longest.turn + 1})" if longest.turn else ""  # of a split conversation
         raise DataError(
             f"{where(records, longest.record, cfg.data)}: the example{turn} has {len(longest.input_ids)} tokens, "
             f"more than the teacher's context of {context}; pass --max-length {context} (with --overflow "
@@ -293,10 +291,8 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
                    # only where used: caches of other data keep the identity they always had
                    **({"messages": cfg.messages_field} if template == "chat" and cfg.messages_field in records[0]
                       else {})},
-        # Only where given: caches made without keep the identity they always had.
-        **({"chat_template_kwargs": cfg.chat_template_kwargs} if cfg.chat_template_kwargs and template == "chat"
-           else {}),
-        **({"chat_turns": cfg.chat_turns} if cfg.chat_turns != "all" and template == "chat" else {}),
+        # Only where set and used: caches made without keep the identity they always had.
+        **(cfg.template_config().chat_settings() if template == "chat" else {}),
         "max_length": cfg.max_length, "overflow": cfg.overflow, "records": stats.records,
         "examples_per_shard": cfg.examples_per_shard, "positions_per_shard": cfg.positions_per_shard,
         # The content, not just the file name: resuming over edited data must be refused.
@@ -447,7 +443,7 @@ def _data_notes(cfg: CacheConfig, stats, template: str, log) -> None:
             f"once the answer is added (reasoning in an answer under enable_thinking false, a rewritten prompt): each "
             f"is the answer as written after the prompt, closed by the template's end of turn; the first: "
             f"{stats.first_loose}")
-    if template != "chat" and (cfg.chat_template_kwargs or cfg.chat_turns != "all"):
+    if template != "chat" and cfg.template_config().chat_settings():
         log(f"note: --chat-template-kwargs / --chat-turns apply to the chat template only; template {template} "
             f"ignores them")
 

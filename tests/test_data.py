@@ -610,6 +610,7 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
     # split record's first example keeps the record's id, the n-th after it adds n << TURN_SHIFT.
     later = 1 << TURN_SHIFT
     assert [(e.example_id, e.record) for e in examples] == [(0, 0), (1, 1), (1 + later, 1), (2, 2), (2 + later, 2)]
+    assert [e.turn for e in examples] == [0, 0, 1, 0, 1]
     first, second = examples[1:3]
     assert first.input_ids == _rendered(t, talk[:2])
     assert t.decode(targets(first)) == "<think>\nred or blue\n</think>\n\nBlue.<|im_end|>\n"
