@@ -6,7 +6,7 @@ Public API: `LossConfig`, `full_loss`, `sparse_loss`, `log_alpha_mixture`, `open
 from amid.losses import LossConfig, full_loss, sparse_loss
 from amid.mixture import log_alpha_mixture
 
-__version__ = "0.5.0"
+__version__ = "0.5.1"
 __all__ = ["LossConfig", "full_loss", "sparse_loss", "log_alpha_mixture", "open_cache", "__version__"]
 
 

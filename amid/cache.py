@@ -564,12 +564,16 @@ class Cache:
         except (pa.ArrowException, OSError) as exc:
             raise CacheError(f"shard {f}: unreadable Parquet ({exc}); recreate the cache") from None
 
-    def iter_shard(self, index: int, compact: bool = False) -> Iterator[dict[str, Any]]:
-        """Examples of one shard, in example_id order (`compact`: see `decode_shard`)."""
+    def iter_shard(self, index: int, compact: bool = False, rows: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
+        """Examples of one shard, in example_id order, or only the shard's `rows` (in that order);
+        `compact`: see `decode_shard`."""
         examples, topk = self.read_part(index, "examples"), self.read_part(index, "topk")
         # Cannot fail with checksums on; without them, never decode shifted rows.
         self._check_topk_rows(index, topk, pc.sum(pc.list_value_length(examples.column("positions"))).as_py() or 0)
-        yield from decode_shard(examples, topk, self.k, compact)
+        if rows is not None and len(rows) and not 0 <= int(np.min(rows)) <= int(np.max(rows)) < examples.num_rows:
+            raise IndexError(f"shard {index} has {examples.num_rows} examples; rows {int(np.min(rows))}.."
+                             f"{int(np.max(rows))} were asked for")
+        yield from decode_shard(examples, topk, self.k, compact, rows)
 
     def _check_topk_rows(self, index: int, topk: pa.Table, positions: int) -> None:
         if topk.num_rows != positions * self.k:
@@ -618,38 +622,55 @@ class Cache:
 
 
 def _to_torch(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Arrow-backed (read-only) NumPy values as a new torch tensor of `dtype`. Torch converts
-    (float16 → float32 with SIMD, about 10× faster than NumPy's astype) into fresh memory."""
+    """NumPy values as a torch tensor of `dtype`. Torch converts (float16 → float32 with SIMD,
+    about 10× faster than NumPy's astype); Arrow-backed (read-only) values are copied into fresh
+    memory, a fresh (writable) array is used as it is where the dtype already matches."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable array": it is only read, into a copy
-        return torch.from_numpy(values).to(dtype, copy=True)
+        return torch.from_numpy(values).to(dtype, copy=not values.flags.writeable)
 
 
 def _flat(column: pa.ChunkedArray) -> np.ndarray:
     return (column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)).to_numpy(zero_copy_only=False)
 
 
-def decode_shard(examples: pa.Table, topk: pa.Table, k: int, compact: bool = False) -> Iterator[dict[str, Any]]:
+def decode_shard(examples: pa.Table, topk: pa.Table, k: int, compact: bool = False,
+                 rows: np.ndarray | None = None) -> Iterator[dict[str, Any]]:
     """Examples of a shard's two tables as torch tensors (vectorised decode, then per-example views).
 
     `compact`: top-k ids as int32 and log-probs as float16 (the stored values, exactly) instead of
-    int64 / float32, half the memory; the training loader keeps examples so and widens per batch."""
+    int64 / float32, half the memory; the training loader keeps examples so and widens per batch.
+    `rows`: decode only these examples (row numbers, in the order given); the tensors then hold
+    only their positions, not the whole shard's (a data-parallel rank needs 1/W of a shard)."""
+    topk_ids = _flat(topk.column("topk_id")).reshape(-1, k)
+    topk_lp = _flat(topk.column("topk_logprob")).reshape(-1, k)
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)
+        # Rows in the topk file follow the positions' order, k per position (Cache.iter_shard checks
+        # the count): example e's positions are topk positions [first[e], first[e] + counts[e]).
+        offsets = examples.column("positions").combine_chunks().offsets.to_numpy().astype(np.int64)
+        first, counts = offsets[rows] - offsets[0], np.diff(offsets)[rows]
+        ends = np.cumsum(counts)
+        wanted = np.repeat(first - (ends - counts), counts) + np.arange(int(ends[-1]) if len(ends) else 0)
+        examples, topk_ids, topk_lp = examples.take(pa.array(rows)), topk_ids[wanted], topk_lp[wanted]
+
     def lists(name: str) -> tuple[list[int], np.ndarray]:
         col = examples.column(name).combine_chunks()
-        return np.diff(col.offsets.to_numpy()).tolist(), col.values.to_numpy(zero_copy_only=False)
+        offsets = col.offsets.to_numpy()
+        values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        return np.diff(offsets).tolist(), values
 
     in_len, in_val = lists("input_ids")
     pos_len, pos_val = lists("positions")
     _, tail_val = lists("tail_logmass")
-    # Rows in the topk file follow the positions' order, k per position (Cache.iter_shard checks the count).
-    topk_ids = _to_torch(_flat(topk.column("topk_id")), torch.int32 if compact else torch.int64).view(-1, k)
-    topk_lp = _to_torch(_flat(topk.column("topk_logprob")), torch.float16 if compact else torch.float32).view(-1, k)
+    ids = _to_torch(topk_ids, torch.int32 if compact else torch.int64)
+    lps = _to_torch(topk_lp, torch.float16 if compact else torch.float32)
     # torch.split makes every example's view in one call (per-example slicing cost ~2 µs a view).
     columns = (
         torch.split(_to_torch(in_val, torch.int64), in_len),
         torch.split(_to_torch(pos_val, torch.int64), pos_len),
-        torch.split(topk_ids, pos_len),
-        torch.split(topk_lp, pos_len),
+        torch.split(ids, pos_len),
+        torch.split(lps, pos_len),
         torch.split(_to_torch(tail_val, torch.float32), pos_len),
     )
     names = ("input_ids", "positions", "topk_ids", "topk_logprobs", "tail_logmass")

@@ -49,8 +49,10 @@ class Head:
             ids = (torch.arange(12, device=self.head.weight.device) * 37 % v)[None]
             full = self.model(input_ids=ids, use_cache=False).logits.float()
             hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state
-            mine = self.head(hidden).float()
-            return mine.shape == full.shape and torch.allclose(mine, full, rtol=1e-3, atol=1e-4)
+            mine = self.head(hidden.to(self.head.weight.device)).float()  # a spread model's last layer may sit elsewhere
+            return mine.shape == full.shape and torch.allclose(mine.to(full.device), full, rtol=1e-3, atol=1e-4)
+        except torch.OutOfMemoryError:  # not a property of the model: the caller must hear of it
+            raise
         except Exception:  # any model whose base/head split does not work: use its logits
             return False
         finally:

@@ -38,7 +38,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from amid import __version__
-from amid.cache import Cache, fsync_dir, open_cache, write_json_atomic
+from amid.cache import Cache, fsync_dir, open_cache, sha256_bytes, write_json_atomic
 from amid.data import DataError, cut_batches, lm_blocks
 from amid.distributed import Ranks, start_ranks, world_from_env
 from amid.errors import first_line
@@ -461,13 +460,9 @@ def _to_device(batch: dict[str, Any], device) -> dict[str, Any]:
 def _eval_batches(cache: Cache, rows: list[np.ndarray], metas, cfg: TrainConfig, pad_id: int) -> list[dict]:
     examples, lengths = [], []
     for s, r in enumerate(rows):
-        if len(r) == 0:
-            continue
-        wanted = set(r.tolist())
-        for i, ex in enumerate(cache.iter_shard(s)):
-            if i in wanted:
-                examples.append(ex)
-                lengths.append(int(metas[s].lengths[i]))
+        if len(r):
+            examples.extend(cache.iter_shard(s, rows=r))
+            lengths.extend(metas[s].lengths[r].tolist())
     order = np.argsort(lengths, kind="stable")
     groups = cut_batches([examples[i] for i in order], [lengths[i] for i in order],
                          None if cfg.max_tokens else cfg.batch_size, cfg.max_tokens)
@@ -537,6 +532,7 @@ def save_model_dir(path: Path, model, tokenizer, state: dict[str, Any] | None = 
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)  # the renames themselves survive a power loss
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -547,21 +543,27 @@ def _recover_checkpoint(path: Path) -> None:
         os.replace(old, path)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The generators a step draws from: the CPU's and the one of the GPU this process trains on
+    (not every visible GPU's: a resume may see fewer GPUs, or this one under another index)."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # checkpoints of amid 0.5.0 and earlier: every visible GPU's generator
+        index = device.index or 0
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def _seed_everything(seed: int) -> None:
@@ -601,7 +603,8 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: DirLock) -> dict
         log(f"{out}: no checkpoint to resume from; starting from step 0")
         return None
     try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+        # Memory-mapped: under torchrun every rank reads the optimizer state, the page cache holds it once.
+        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False, mmap=True)
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise ValueError("not a trainer state")
     except Exception as exc:  # truncated, overwritten or foreign: unpickling errors vary by damage
@@ -629,7 +632,10 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: DirLock) -> dict
     # The run directory is where the checkpoint was found; the cache is compared by content
     # once it is open (`cache_id`), by path only for checkpoints older than that record. Another
     # --grad-accum is the other half of another number of processes (checked above).
+    # Likewise --lm-data (by its tokenized blocks, `lm_id`), where the run had one and still has.
+    moved_lm = "lm_id" in state and saved.get("lm_data") is not None and cfg.lm_data is not None
     exempt = (RESUMABLE_CHANGES | {"out"} | ({"cache"} if "cache_id" in state else set())
+              | ({"lm_data"} if moved_lm else set())
               | ({"grad_accum"} if saved_world != ranks.world else set()))
     changed = sorted(
         k for k, v in TrainConfig.from_dict({**saved, **legacy}).to_dict().items()
@@ -692,8 +698,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [r for r in read_metrics(path) if r["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))  # as write_metrics wrote them
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in keep))  # as write_metrics wrote them
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -776,6 +786,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         except Exception as exc:  # safetensors/transformers errors of a damaged directory vary
             raise TrainError(_damaged_checkpoint(ckpt_dir, exc, ckpt_dir)) from None
     else:
+        _seed_everything(cfg.seed)  # weights the student's checkpoint lacks are initialised: the same in every run
         model, tokenizer = _load_student(cfg.student, cfg.trust_remote_code)
     check_compatible(cfg.student, model, tokenizer, cache)
     log(f"amid train: config {json.dumps(cfg.to_dict())}")
@@ -846,20 +857,25 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     if resume_state is not None and resume_state["step"] >= total_steps:
         log(f"{out}: already trained {resume_state['step']} of {total_steps} steps; nothing to do")
         summary_path = out / "summary.json"
-        finished = summary_path.exists()
+        finished = _summary_of_step(summary_path, resume_state["step"])
         ranks.barrier()  # every rank has looked before rank 0 writes it below (else some would skip the barrier)
-        if finished:
-            return json.loads(summary_path.read_text())
-        # Killed after the last checkpoint, before final/ or summary.json: finish those writes.
+        if finished is not None:
+            return finished
+        # Killed after the last checkpoint, before final/ or summary.json (or the summary and final/ are
+        # those of an earlier, shorter run this one extended): write them from the checkpoint.
         summary = _rebuilt_summary(out, resume_state, total_steps, ranks.world)
         if ranks.main:
-            if not (out / "final" / "config.json").exists():
-                save_model_dir(out / "final", model, tokenizer)
+            save_model_dir(out / "final", model, tokenizer)
             write_json_atomic(summary_path, summary)
         ranks.barrier()
         return summary
 
     lm_stream = _lm_stream(cfg, model, tokenizer, log) if cfg.lm_data else None
+    lm_id = sha256_bytes(lm_stream.blocks.tobytes()) if lm_stream is not None else None
+    if resume_state is not None and resume_state.get("lm_id", lm_id) != lm_id:
+        raise TrainError(f"{cfg.lm_data}: not the --lm-data this run was trained on (its text, in blocks of "
+                         f"{cfg.lm_length} tokens, differs from what {ckpt_dir} recorded); resume with that text, "
+                         f"or choose another --out")
 
     # --- optimizer (decay on matrices only, nanoGPT style)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -881,9 +897,12 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             scaler.load_state_dict(resume_state["scaler"])
         if ranks.main:
             _truncate_metrics(metrics_path, step)
+            # An extended run is not done: its summary.json (of the shorter run) would say it is. final/
+            # keeps the shorter run's model until this one writes its own.
+            (out / "summary.json").unlink(missing_ok=True)
         rngs = resume_state.get("rng_ranks") or [resume_state["rng"]]
         if ranks.rank < len(rngs):
-            _set_rng_state(rngs[ranks.rank])
+            _set_rng_state(rngs[ranks.rank], device)
         else:  # a rank the run did not have (resumed on more processes): a stream of its own
             _seed_everything(cfg.seed + ranks.rank + 7919 * step)
         log(f"resuming {out} at step {step} (epoch {position.epoch}, window {position.window}, batch {position.batch})")
@@ -930,14 +949,15 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         return result
 
     def save_checkpoint() -> None:
-        rngs = ranks.gather(_rng_state())  # every rank takes part; rank 0 writes
+        rngs = ranks.gather(_rng_state(device))  # every rank takes part; rank 0 writes
         if not ranks.main:
             return
         save_model_dir(ckpt_dir, model, tokenizer, {
             "step": step, "tokens": tokens, "position": position.to_dict(), "total_steps": total_steps,
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "rng": rngs[0], "config": cfg.to_dict(), "amid_version": __version__, "world_size": ranks.world,
-            "cache_id": cache_id, **({"rng_ranks": rngs} if ranks.world > 1 else {}),
+            "cache_id": cache_id, **({"lm_id": lm_id} if lm_id else {}),
+            **({"rng_ranks": rngs} if ranks.world > 1 else {}),
         })
 
     if scaler.is_enabled():  # its scale now, not at the first scale(): a rank without batches in its first
@@ -945,6 +965,12 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     last_saved = resume_state["step"] if resume_state is not None else None
     first_eval = run_eval() if resume_state is None else _initial_eval(out)
     last_eval, last_eval_step = first_eval, (0 if first_eval else None)
+    if resume_state is not None and 0 < step < total_steps and step % cfg.eval_every == 0:
+        # A stop skips the evaluation due at its step (the checkpoint comes first): make it up, so
+        # that the log holds every evaluation an uninterrupted run makes. Rank 0 reads the log.
+        missing = ranks.main and not any(r["step"] == step and "eval_kl" in r for r in read_metrics(metrics_path))
+        if ranks.sum_numbers([int(missing)], torch.int64)[0]:
+            last_eval, last_eval_step = run_eval(), step
     loader = Loader(cache, plan, pad_id, start=position, epochs=loader_epochs, num_workers=cfg.num_workers,
                     pin_memory=device.type == "cuda", rank=ranks.rank, world=ranks.world)
     stream = iter(loader)
@@ -993,9 +1019,9 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
             ranks.sum_grads(params)
             # One sync a step; it also carries a stop request (which signal, on how many ranks), so that
             # every rank stops after the same step and names the signal one of them got.
-            loss_value, lm_value, by_int, by_term = ranks.sum(torch.stack([
+            loss_value, lm_value, *asked = ranks.sum(torch.stack([
                 loss_sum, lm_sum, *(loss_sum.new_tensor(float(stop.signum == sig)) for sig in STOP_SIGNALS)])).tolist()
-            stopping = by_int + by_term > 0
+            stopping = sum(asked) > 0  # asked[i]: ranks that got STOP_SIGNALS[i]
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(_diverged_message("loss", loss_value, step + 1, last_saved, ckpt_dir))
             scaler.unscale_(optimizer)
@@ -1028,7 +1054,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
                 last_saved = step
             if stopping and step < total_steps:
                 ranks.barrier()  # no rank exits (and has torchrun end the others) before the checkpoint is written
-                signum = stop.signum or (signal.SIGINT if by_int else signal.SIGTERM)  # another rank's
+                signum = stop.signum or next(sig for sig, n in zip(STOP_SIGNALS, asked) if n)  # another rank's
                 raise Interrupted(f"{signal_name(signum)} at step {step} of {total_steps}: "
                                   f"checkpoint saved in {ckpt_dir}; continue with the same command and --resume",
                                   signum)
@@ -1066,6 +1092,15 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}{full}, eval_ppl {last_eval['eval_ppl']:.4g}; "
             f"model in {out / 'final'}")
     return summary
+
+
+def _summary_of_step(path: Path, step: int) -> dict[str, Any] | None:
+    """The run's summary.json if it describes the run at `step` (its checkpoint), else None."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and summary.get("steps") == step else None
 
 
 def _rebuilt_summary(out: Path, state: dict[str, Any], total_steps: int, world: int) -> dict[str, Any]:

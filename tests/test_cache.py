@@ -27,6 +27,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from amid.cache import CacheError, ShardWriter, open_cache
 from amid.cli import main as cli
@@ -552,6 +554,26 @@ def test_compact_decoding_holds_the_same_values_in_half_the_memory(gpt2_cache):
         assert torch.equal(compact["topk_logprobs"].float(), full["topk_logprobs"])  # float16 is what is stored
         for key in ("example_id", "input_ids", "positions", "tail_logmass"):
             assert (compact[key] == full[key]) if key == "example_id" else torch.equal(compact[key], full[key])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_decoding_some_rows_gives_those_examples_and_holds_only_their_positions(gpt2_cache, data):
+    # A data-parallel rank decodes only the examples of its own batches (amid.loader).
+    cache = open_cache(gpt2_cache)
+    shard = data.draw(st.integers(0, len(cache.shards) - 1))
+    everything = list(cache.iter_shard(shard, compact=True))
+    rows = data.draw(st.lists(st.integers(0, len(everything) - 1), unique=True))
+    some = list(cache.iter_shard(shard, compact=True, rows=np.array(rows, dtype=np.int64)))
+    assert [e["example_id"] for e in some] == [everything[r]["example_id"] for r in rows]
+    for ex, r in zip(some, rows):
+        for key in ("input_ids", "positions", "topk_ids", "topk_logprobs", "tail_logmass"):
+            assert ex[key].dtype == everything[r][key].dtype and torch.equal(ex[key], everything[r][key]), key
+    if some:
+        positions = sum(len(e["positions"]) for e in some)
+        assert some[0]["topk_ids"].untyped_storage().nbytes() == positions * cache.k * 4  # not the shard's
+    with pytest.raises(IndexError, match=f"shard {shard} has {len(everything)} examples"):
+        list(cache.iter_shard(shard, rows=np.array([len(everything)])))
 
 
 def test_cache_info_human_json_and_verify(gpt2_cache):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amid.cache import open_cache
+from amid.cache import Cache, open_cache
 from amid.distributed import Ranks
 from amid.loader import Loader, Plan, Position, scan, split
 from amid.train import TrainConfig, TrainError, train
@@ -204,20 +204,36 @@ def test_ranks_that_read_different_caches_are_refused(world, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _served_batches(plan: Plan, start: Position, epochs: int) -> list:
+    """The plan's batches from `start` to the end of `epochs`, in serving order."""
+    out = []
+    for e in range(start.epoch, epochs):
+        for w, (_, batches) in enumerate(plan.epoch(e)):
+            if (e, w) >= (start.epoch, start.window):
+                out.extend(batches[start.batch if (e, w) == (start.epoch, start.window) else 0:])
+    return out
+
+
 def test_ranks_serve_the_one_stream_between_them(world):
-    # Every rank walks the whole stream (same positions), collates only batch i mod W = rank,
-    # and together they serve exactly the single-process stream, from the start or mid-stream.
+    # Every rank walks the whole stream (same positions), decodes and collates only batch
+    # i mod W = rank, and together they serve exactly the single-process stream, from the start or
+    # mid-stream.
     cache = open_cache(world["cache"])
     metas = scan(cache)
     plan = Plan(metas, split(metas, 0.2, 1000)[0], seed=4, batch_size=6, max_tokens=None, shuffle_buffer=20)
     with Loader(cache, plan, pad_id=1, epochs=2) as loader:
         single = list(loader)
     for start in (0, 5):
-        streams = []
+        streams, decoded = [], []
         for rank in range(3):
+            seen: list[tuple[int, int]] = []
+            cache.iter_shard = lambda s, compact=False, rows=None, seen=seen: (
+                seen.extend((s, int(r)) for r in rows) or Cache.iter_shard(cache, s, compact, rows))
             with Loader(cache, plan, pad_id=1, start=single[start - 1][1] if start else Position(), epochs=2,
                         rank=rank, world=3) as loader:
                 streams.append(list(loader))
+            decoded.append(seen)
+        del cache.iter_shard
         expected = single[start:]
         for rank, stream in enumerate(streams):
             assert [p for _, p in stream] == [p for _, p in expected]
@@ -226,6 +242,10 @@ def test_ranks_serve_the_one_stream_between_them(world):
                 if batch is not None:
                     assert torch.equal(batch["input_ids"], expected[i][0]["input_ids"])
                     assert torch.equal(batch["topk_ids"], expected[i][0]["topk_ids"])
+            # A rank decodes the examples of its own batches, each once an epoch, and nothing else.
+            own = [(int(s), int(r)) for b in _served_batches(plan, single[start - 1][1] if start else Position(), 2)[rank::3]
+                   for s, r in b]
+            assert sorted(decoded[rank]) == sorted(own)
 
 
 def _sum_grads_worker(rank: int, store: str) -> None:

@@ -57,6 +57,20 @@ def test_soft_capped_head_is_not_split(tok):
     assert torch.allclose(torch.cat(list(target.chunks(batch, 3))), want, rtol=1e-6, atol=1e-6)
 
 
+def test_running_out_of_memory_in_the_head_check_is_raised_not_taken_for_a_transformed_head(tok):
+    # Taken for "not plain", an OOM would silently switch a teacher to its own (bf16) logits.
+    model = make_model("llama", len(tok), tok)
+
+    def oom(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model.lm_head.forward = oom
+    with pytest.raises(torch.OutOfMemoryError):
+        Head(model)
+    model.lm_head.forward = lambda *_a, **_k: (_ for _ in ()).throw(RuntimeError("not a head that splits"))
+    assert not Head(model).plain
+
+
 def test_teacher_head_is_float32_for_a_bf16_model_even_under_autocast(tok):
     """The float32 LM head: exact dot products of the bf16 hidden states and bf16 weights (what a
     float64 reference computes from the same hidden states), whatever autocast says, in any chunking."""

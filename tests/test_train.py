@@ -589,6 +589,26 @@ def test_lm_data_refusals(world, tmp_path):
         config(world, tmp_path / "c", lm_length=1)
 
 
+def test_resume_checks_the_lm_data_by_content(world, tmp_path):
+    # As the cache: a moved copy of the text resumes, other text under the old name is refused.
+    import shutil
+
+    text = tmp_path / "text.jsonl"
+    shutil.copy(world["root"] / "data.jsonl", text)
+    kw = dict(lm_length=32, lm_batch_size=2, save_every=2)
+    train(config(world, tmp_path / "run", lm_data=str(text), max_steps=2, **kw), log=quiet)
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(text, moved)
+    train(config(world, tmp_path / "run", lm_data=str(moved), max_steps=3, resume=True, **kw), log=quiet)
+    text.write_text("".join(reversed(text.read_text().splitlines(keepends=True))))  # same lines, other order
+    with pytest.raises(TrainError, match=r"text.jsonl: not the --lm-data this run was trained on") as err:
+        train(config(world, tmp_path / "run", lm_data=str(text), max_steps=4, resume=True, **kw), log=quiet)
+    assert "\n" not in str(err.value)
+    with pytest.raises(TrainError, match="different lm_data"):  # dropping it is a change, not a move
+        train(config(world, tmp_path / "run", max_steps=4, resume=True, **kw), log=quiet)
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3]
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(world, tmp_path):
     # A real `amid train` process killed with SIGKILL at an arbitrary point (possibly inside a
@@ -679,6 +699,74 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_matches(worl
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert a[step] == pytest.approx(b[step], abs=1e-6, rel=0), step
+
+
+def test_a_stop_at_an_evaluation_step_makes_that_evaluation_up_on_resume(world, tmp_path, monkeypatch,
+                                                                         handlers_put_back):
+    # The stop skips the evaluation due at its step (the checkpoint comes first); --resume makes
+    # it first, so the log holds the evaluations of an uninterrupted run, with the same values.
+    import signal
+
+    from amid.stop import Interrupted
+
+    kw = dict(max_steps=8, eval_every=3)
+    train(config(world, tmp_path / "whole", **kw), log=quiet)
+    _signal_at(monkeypatch, 5, signal.SIGINT)
+    with pytest.raises(Interrupted, match="at step 6 of 8"):
+        train(config(world, tmp_path / "stopped", **kw), log=quiet)
+    assert [m["step"] for m in metrics(tmp_path / "stopped") if "eval_kl" in m] == [0, 3]
+    monkeypatch.undo()
+    train(config(world, tmp_path / "stopped", resume=True, **kw), log=quiet)
+    evals = {run: {m["step"]: m["eval_kl"] for m in metrics(tmp_path / run) if "eval_kl" in m}
+             for run in ("whole", "stopped")}
+    assert sorted(evals["stopped"]) == sorted(evals["whole"]) == [0, 3, 6, 8]
+    assert evals["stopped"] == pytest.approx(evals["whole"], abs=1e-6)
+    assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "whole"), abs=1e-6)
+
+
+def test_an_extended_run_stopped_short_of_its_end_leaves_no_stale_summary_or_final(world, tmp_path, monkeypatch,
+                                                                                  handlers_put_back):
+    # A finished run of 4 steps, resumed for 8 and stopped at 6: it is not done (no summary.json of
+    # the 4 steps), and a resume that asks for 6 steps gives the summary and final/ of step 6.
+    import signal
+
+    from safetensors.torch import load_file
+
+    from amid.stop import Interrupted
+
+    out = tmp_path / "run"
+    assert train(config(world, out, max_steps=4), log=quiet)["steps"] == 4
+    _signal_at(monkeypatch, 5, signal.SIGINT)
+    with pytest.raises(Interrupted, match="at step 6 of 8"):
+        train(config(world, out, max_steps=8, resume=True), log=quiet)
+    monkeypatch.undo()
+    assert not (out / "summary.json").exists() and (out / "final" / "model.safetensors").exists()
+    done = train(config(world, out, max_steps=6, resume=True), log=quiet)
+    assert done["steps"] == 6 == json.loads((out / "summary.json").read_text())["steps"]
+    final, ckpt = load_file(out / "final" / "model.safetensors"), load_file(out / "checkpoint" / "model.safetensors")
+    assert final.keys() == ckpt.keys() and all(torch.equal(final[k], ckpt[k]) for k in final)
+    assert train(config(world, out, max_steps=6, resume=True), log=quiet) == done  # and again: nothing to do
+
+
+def test_a_checkpoint_holds_the_generator_of_its_own_gpu_only(monkeypatch):
+    # A run saved on 8 GPUs may resume on 4, or with each rank's GPU under another index: each
+    # rank saves and restores the generator of the device it trains on (CUDA calls stubbed).
+    import amid.train as amid_train
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: f"state of {device}")
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append((state, device)))
+    gpu = torch.device("cuda", 3)
+    state = amid_train._rng_state(gpu)
+    assert state["cuda"] == "state of cuda:3"
+    amid_train._set_rng_state(state, torch.device("cuda", 0))
+    assert calls == [("state of cuda:3", torch.device("cuda", 0))]
+    calls.clear()
+    old = {**state, "cuda": [f"old {i}" for i in range(8)]}  # amid <= 0.5.0: every visible GPU's
+    amid_train._set_rng_state(old, gpu)
+    amid_train._set_rng_state(old, torch.device("cuda", 9))  # more GPUs than the run saw: not restored
+    assert calls == [("old 3", gpu)]
+    assert amid_train._rng_state(torch.device("cpu"))["cuda"] is None
 
 
 def test_a_second_ctrl_c_stops_at_once_keeping_the_last_checkpoint(world, tmp_path, monkeypatch, handlers_put_back):
