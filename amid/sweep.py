@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -96,14 +97,30 @@ def _run_dir(cfg: SweepConfig, name: str) -> Path:
     return Path(cfg.out) / "runs" / name
 
 
-def _spec(cfg: SweepConfig, run: dict[str, Any]) -> dict[str, Any]:
+def _spec(cfg: SweepConfig, run: dict[str, Any], cache_id: str) -> dict[str, Any]:
     return {
         "train": {**cfg.train_overrides, "cache": cfg.cache, "student": cfg.student,
                   "out": str(_run_dir(cfg, run["name"])), "preset": run["preset"], **run["loss"]},
+        "cache_id": cache_id,  # the cache's content (amid.cache.Cache.content_id): --cache may be replaced
         "eval_data": cfg.eval_data,
         "rouge_limit": cfg.rouge_limit,
         "run": run,
     }
+
+
+def _finished(old: dict[str, Any] | None, spec: dict[str, Any], result: Path) -> bool:
+    """Whether a run needs nothing: it ended "ok" with this spec's training and either this
+    evaluation or, where the sweep asks for none (no --eval-data), whatever evaluation it has (a
+    rerun that extends the grid keeps the test results). Its cache is this one: `_check_existing`
+    refuses a run dir trained on another."""
+    try:
+        ok = json.loads(result.read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+    if not ok or old is None:
+        return False
+    keys = ("train", "run") if spec["eval_data"] is None else ("train", "run", "eval_data", "rouge_limit")
+    return all(same_setting(old.get(k), spec[k]) for k in keys)
 
 
 def _eval_template(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -197,17 +214,16 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
     out = Path(cfg.out)
     runs = expand_grid(cfg)
     slots = device_slots(cfg.devices)
-    specs = {run["name"]: json.loads(json.dumps(_spec(cfg, run))) for run in runs}
-    _check(cfg, runs, specs)
+    cache_id = _check(cfg, runs)
+    specs = {run["name"]: json.loads(json.dumps(_spec(cfg, run, cache_id))) for run in runs}
+    _check_existing(cfg, runs, specs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     pending = []
     for run in runs:
         d = _run_dir(cfg, run["name"])
         spec = specs[run["name"]]
-        old_spec = _old_spec(d)
-        result = d / "result.json"
-        if same_setting(old_spec, spec) and result.exists() and json.loads(result.read_text()).get("status") == "ok":
+        if _finished(_old_spec(d), spec, d / "result.json"):
             continue
         # Same training, other evaluation settings (checked in _check): the run resumes at its last
         # step, trains nothing and is evaluated again.
@@ -226,11 +242,11 @@ def _old_spec(d: Path) -> dict[str, Any] | None:
         return None
 
 
-def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> None:
+def _check(cfg: SweepConfig, runs: list[dict[str, Any]]) -> str:
     """Refuse, before any directory is written or any run starts, what would make runs fail for
     certain: a setting TrainConfig does not know or accept, a missing or damaged cache, a student
-    with another tokenizer, --eval-data that evaluation cannot read, or run directories trained
-    with other settings under the same names."""
+    with another tokenizer, or --eval-data that evaluation cannot read. Returns the cache's
+    content id."""
     from amid.cache import open_cache
     from amid.models import load_tokenizer
     from amid.teacher import resolve_device
@@ -260,7 +276,7 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
         resolve_device(cfg.train_overrides["device"])  # what train refuses: a device this machine lacks
     for run in runs:
         try:
-            TrainConfig(**{**specs[run["name"]]["train"], "resume": True})
+            TrainConfig(**{**_spec(cfg, run, "")["train"], "resume": True})
         except (ValueError, TypeError) as exc:  # TypeError: a field of a type the checks above do not know
             raise ValueError(f"run {run['name']}: {exc}") from None
     cache = open_cache(cfg.cache)
@@ -277,18 +293,47 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[s
                              f"the teacher's chat template (tokenizer_config.json), or drop --eval-data")
     if cfg.eval_data:
         _check_eval_data(cfg, cache, tokenizer, trust)
-    clash = []
+    return cache.content_id
+
+
+def _check_existing(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[str, dict[str, Any]]) -> None:
+    """Refuse run directories trained with other settings under the same names, or on another
+    cache than the one now at --cache (same path, other shards), before any run starts."""
+    clash, other_cache = [], []
     for run in runs:
-        old = _old_spec(_run_dir(cfg, run["name"]))
+        d = _run_dir(cfg, run["name"])
+        old = _old_spec(d)
         if old is None:
             continue
         was, now = old.get("train") or {}, specs[run["name"]]["train"]
         changed = sorted(k for k in {*was, *now} if not same_setting(was.get(k), now.get(k)))
         if changed or old.get("run") != specs[run["name"]]["run"]:
             clash.append(f"{run['name']} ({', '.join(changed) or 'loss'})")
+        elif _trained_cache_id(d, old) not in (None, specs[run["name"]]["cache_id"]):
+            other_cache.append(run["name"])
     if clash:
         raise ValueError(f"{cfg.out}: runs trained with other settings under the same names: {'; '.join(clash)}; "
                          f"rerun with those settings, delete the runs, or choose another --out")
+    if other_cache:
+        raise ValueError(f"{cfg.out}: runs trained on another cache than the one now at {cfg.cache} (its shards "
+                         f"differ): {', '.join(other_cache[:3])}{', ...' if len(other_cache) > 3 else ''}; rerun with "
+                         f"that cache, delete the runs, or choose another --out")
+
+
+def _trained_cache_id(run_dir: Path, spec: dict[str, Any]) -> str | None:
+    """The content id of the cache a run was trained on: from its sweep_run.json, or (sweeps
+    before amid 0.5.1) its checkpoint; None for a run that never saved one."""
+    if spec.get("cache_id"):
+        return spec["cache_id"]
+    state = run_dir / "checkpoint" / "trainer_state.pt"
+    if not state.exists():
+        return None
+    import torch
+
+    try:
+        return torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("cache_id")
+    except Exception:  # a damaged checkpoint: the run's own resume says so, naming the file
+        return None
 
 
 def _check_eval_data(cfg: SweepConfig, cache, tokenizer, trust: bool) -> None:
@@ -481,17 +526,27 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         return None
+    # α = ±∞ (the limits of the α-mixture) sit a step beyond the finite αs, with ∓∞ as their ticks.
+    finite = sorted({r["alpha"] for r in ok if r["alpha"] != "" and math.isfinite(r["alpha"])}) or [0.0]
+    step = max((finite[-1] - finite[0]) / 4, 1.0)
+    at = {-math.inf: finite[0] - step, math.inf: finite[-1] + step}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "eval_kl", "held-out KL(teacher ‖ student)"), (axes[1], "eval_ppl", "held-out perplexity")):
         curves: dict[str, list[tuple[float, float]]] = {}
         for r in ok:
             if r["alpha"] != "" and r.get(key) is not None:
-                curves.setdefault(f"{r['preset']} λ={r['lam']:g} {r['divergence']}/{r['order']}", []).append((r["alpha"], r[key]))
-        for name, pts in curves.items():
+                curves.setdefault(f"{r['preset']} λ={r['lam']:g} {r['divergence']}/{r['order']}", []).append(
+                    (at.get(r["alpha"], r["alpha"]), r[key]))
+        for i, (name, pts) in enumerate(curves.items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        for i, r in enumerate(x for x in ok if x["alpha"] == "" and x.get(key) is not None):
-            ax.axhline(r[key], linestyle="--", color=f"C{(i + 3) % 10}", label=r["preset"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i % 10}", label=name)
+        flat = [x for x in ok if x["alpha"] == "" and x.get(key) is not None]
+        for i, r in enumerate(flat, start=len(curves)):  # colours after the curves', not shared with them
+            ax.axhline(r[key], linestyle="--", color=f"C{i % 10}", label=r["preset"])
+        used = sorted({p[0] for pts in curves.values() for p in pts})
+        if any(x in used for x in at.values()):
+            names = {v: ("−∞" if k < 0 else "∞") for k, v in at.items()}
+            ax.set_xticks(used, [names.get(x, f"{x:g}") for x in used])
         ax.set_xlabel("α")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

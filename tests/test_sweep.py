@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -316,3 +317,64 @@ def test_grid_values_given_twice_are_one_run_and_empty_ones_are_refused(tmp_path
         res = CliRunner().invoke(main, [*base, *args])
         assert res.exit_code == 1 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_keeps_test_results_and_refuses_runs_of_a_replaced_cache(world, tmp_path):  # noqa: F811
+    import shutil
+
+    from amid.teacher import CacheConfig, cache_teacher
+
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    out = tmp_path / "sweep"
+    test = tmp_path / "test.jsonl"
+    shutil.copy(Path(world["root"]) / "data.jsonl", test)
+    cfg = SweepConfig(cache=str(cache), student=world["student"], out=str(out), presets=("kd",),
+                      train_overrides=TRAIN, eval_data=str(test))
+    run_sweep(cfg, log=lambda m: None)
+    kept = (out / "runs" / "kd" / "result.json").read_text()
+    assert float(_rows(out)["kd"]["test_ppl"]) > 1
+    # Extending the grid without --eval-data: the finished run keeps its test results.
+    messages: list[str] = []
+    run_sweep(dataclasses.replace(cfg, presets=("kd", "skl"), eval_data=None), log=messages.append)
+    assert any("1 already finished, 1 to run" in m for m in messages), messages
+    assert (out / "runs" / "kd" / "result.json").read_text() == kept
+    rows = _rows(out)
+    assert float(rows["kd"]["test_ppl"]) > 1 and rows["skl"]["test_ppl"] == "" and rows["skl"]["status"] == "ok"
+
+    # Another cache under the same path: the finished runs are not its runs.
+    shutil.rmtree(cache)
+    cache_teacher(CacheConfig(teacher=world["teacher"], data=str(Path(world["root"]) / "data.jsonl"), out=str(cache),
+                              top_k=8, max_length=64, examples_per_shard=40, device="cpu"),
+                  progress=False, log=lambda m: None)
+    before = (out / "results.csv").read_text()
+    for sweep_json in (True, False):  # runs of this version (sweep_run.json) and of earlier ones (checkpoint)
+        if not sweep_json:
+            for name in ("kd", "skl"):
+                spec = json.loads((out / "runs" / name / "sweep_run.json").read_text())
+                del spec["cache_id"]
+                (out / "runs" / name / "sweep_run.json").write_text(json.dumps(spec))
+        with pytest.raises(ValueError, match=r"runs trained on another cache than the one now at .*cache.*: kd, skl"):
+            run_sweep(dataclasses.replace(cfg, presets=("kd", "skl"), eval_data=None), log=lambda m: None)
+    assert (out / "results.csv").read_text() == before
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # the stubs draw nothing
+def test_the_plot_puts_infinite_alphas_at_the_ends_and_gives_every_line_its_colour(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from amid.sweep import _plot
+
+    lines: list[tuple[list, str]] = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, **kw: lines.append((list(x), kw["color"])))
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y, **kw: lines.append(([], kw["color"])))
+    row = dict(status="ok", lam=0.1, divergence="kl", order="pr", eval_kl=1.0, eval_ppl=2.0)
+    rows = ([{**row, "preset": "amid", "alpha": a} for a in (-math.inf, -1.0, 0.5, math.inf)]
+            + [{**row, "preset": "amid", "alpha": 0.5, "lam": 0.5}] + [{**row, "preset": "kd", "alpha": ""}])
+    assert _plot(rows, tmp_path / "p.png").stat().st_size > 0
+    first = lines[:3]  # one axis: two curves and a dashed preset line
+    xs = first[0][0]
+    assert xs[1:3] == [-1.0, 0.5] and xs[0] < -1.0 and xs[3] > 0.5 and all(map(math.isfinite, xs))
+    assert len({c for _, c in first}) == 3  # the preset's dashed line has a colour no curve has
