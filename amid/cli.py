@@ -44,7 +44,7 @@ def friendly_errors(fn):
             raise Stopped(str(exc) if rank == 0 else None, exc.exit_code) from None
         except KeyboardInterrupt as exc:
             what = INTERRUPTED.get(click.get_current_context().info_name, "")
-            how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted"
+            how = "SIGTERM" if isinstance(exc, Terminated) else "interrupted"
             raise Stopped(f"{how}{'; ' + what if what else ''}" if rank == 0 else None,
                           143 if isinstance(exc, Terminated) else 130) from None
         except OSError as exc:  # FileNotFoundError too
@@ -177,7 +177,8 @@ def chat_options(fn):
 @chat_options
 @click.option("--split", default="train", show_default=True,
               help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only the first N records (the data is still read, and checked, whole).")
 @click.option("--examples-per-shard", default=2048, show_default=True, help="Examples per shard, at most.")
 @click.option("--positions-per-shard", default=262_144, show_default=True,
               help="Target positions per shard, at most (bounds the memory of reading one shard).")
@@ -199,7 +200,10 @@ def cache_teacher_cmd(quiet: bool, **options) -> None:
 
     cfg = CacheConfig(**options)
     _terminate_as_interrupt()  # a killed run resumes anyway; this says so
-    click.echo(f"config: {json.dumps(dataclasses.asdict(cfg))}", err=True)
+    from amid.distributed import world_from_env
+
+    if world_from_env()[0] == 0:  # under torchrun: once, not once per rank
+        click.echo(f"config: {json.dumps(dataclasses.asdict(cfg))}", err=True)
     _quiet_transformers(quiet)
     cache_teacher(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
 
@@ -277,7 +281,8 @@ def _words(text: str) -> tuple[str, ...]:
 @click.option("--divergence", "divergences", default="kl", show_default=True, help="Comma list: kl, ab, tv, jsd.")
 @click.option("--order", "orders", default="pr", show_default=True, help="Comma list: pr, rp, qr, rq.")
 @click.option("--eval-data", default=None, help="Extra held-out data: perplexity (and ROUGE-L) per run.")
-@click.option("--rouge-limit", default=0, show_default=True, help="Prompts of --eval-data scored by ROUGE-L per run.")
+@click.option("--rouge-limit", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Prompts of --eval-data scored by ROUGE-L per run (0: no ROUGE-L).")
 @click.option("--devices", default="", help="Comma list like cuda:0,cuda:1: one run per device at a time.")
 @click.option("--train-arg", "train_args", multiple=True, metavar="KEY=VALUE",
               help="Training setting for every run, e.g. --train-arg max_steps=500 --train-arg lr=1e-4.")
@@ -344,7 +349,8 @@ def sweep_cmd(presets, alphas, lams, divergences, orders, devices, train_args, *
 @click.option("--text-field", default="text", show_default=True)
 @chat_options
 @click.option("--max-length", default=1024, show_default=True)
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N records.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the first N records (the data is still read, and checked, whole).")
 @click.option("--split", default="train", show_default=True,
               help="Split of a datasets name or saved DatasetDict (a local file is one split: name its file).")
 @click.option("--rouge", is_flag=True, help="Also sample responses and score ROUGE-L (instruction data).")

@@ -58,12 +58,13 @@ def rouge_l(prediction: str, reference: str) -> float:
 @torch.no_grad()
 def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: int | None = None,
                batch_size: int = 8, device: str | torch.device = "cpu", split: str = "train") -> dict[str, float]:
-    """Cross-entropy and perplexity of the model on the target tokens of a dataset."""
+    """Cross-entropy and perplexity of the model on the target tokens of a dataset (and the
+    template the records were read with: "auto" resolved)."""
     records = load_records(source, split=split, limit=limit)
     context = context_length(model)
     if context and template.max_length > context:  # longer inputs would index past the positions
         template = dataclasses.replace(template, max_length=context)
-    examples, stats, _ = build_examples(records, tokenizer, template, source)
+    examples, stats, resolved = build_examples(records, tokenizer, template, source)
     total_nll, total_tokens = 0.0, 0
     model.eval()
     # Logits of the target rows only, LOGIT_CHUNK_ELEMENTS at a time where the head is plain: a
@@ -83,7 +84,7 @@ def perplexity(model, tokenizer, source: str, template: TemplateConfig, limit: i
     ce = total_nll / max(total_tokens, 1)
     return {"ce": ce, "ppl": math.exp(min(ce, 700.0)), "tokens": total_tokens, "examples": len(examples),
             "truncated": stats.truncated, "skipped_no_target": stats.skipped_empty,
-            "max_length": template.max_length}
+            "max_length": template.max_length, "template": resolved}
 
 
 @torch.no_grad()

@@ -252,6 +252,8 @@ def _check(cfg: SweepConfig, runs: list[dict[str, Any]]) -> str:
     from amid.teacher import resolve_device
     from amid.train import TrainConfig, TrainError, check_tokenizer
 
+    if cfg.rouge_limit < 0:
+        raise ValueError(f"--rouge-limit must be at least 0 (0: no ROUGE-L), got {cfg.rouge_limit}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(cfg.train_overrides) - known)
     if unknown:

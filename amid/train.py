@@ -11,7 +11,7 @@
 No teacher is loaded: its top-k log-probabilities and tail mass come from the cache. Outputs in
 the run directory:
 
-    config.json       the resolved configuration
+    config.json       the settings, and what they resolved to ("resolved": loss, device, dtype, steps)
     metrics.jsonl     one object per logging step (step, loss, lr, tokens_per_s, ...) and one
                       per evaluation (step, eval_loss, eval_kl, eval_ce, eval_ppl)
     checkpoint/       the student (save_pretrained, safetensors), its tokenizer and
@@ -225,17 +225,23 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**{**d, "adam_betas": tuple(d["adam_betas"])})
+        """From `to_dict`'s output (or a run's config.json: its "resolved" record is not a setting)."""
+        fields = {k: v for k, v in d.items() if k != "resolved"}
+        return cls(**{**fields, "adam_betas": tuple(fields["adam_betas"])})
 
 
 # ----------------------------------------------------------------------------------------------
 # Learning rate
 
 
+def _warmup_steps(cfg: TrainConfig, total: int) -> int:
+    return cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total)
+
+
 def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
     """The learning rate of update `step` (0-based) of `total`: linear warmup, then the schedule
     down to lr · min_lr_ratio. A pure function of the step: the scheduler has no state to save."""
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * total)
+    warmup = _warmup_steps(cfg, total)
     if step < warmup:
         return cfg.lr * (step + 1) / (warmup + 1)
     if cfg.schedule == "constant":
@@ -637,9 +643,13 @@ def _prepare_run_dir(cfg: TrainConfig, log, ranks: Ranks, lock: DirLock) -> dict
     exempt = (RESUMABLE_CHANGES | {"out"} | ({"cache"} if "cache_id" in state else set())
               | ({"lm_data"} if moved_lm else set())
               | ({"grad_accum"} if saved_world != ranks.world else set()))
+    # The objective is compared as resolved (`--preset amid` and `--alpha 0.5 --lam 0.1` are one
+    # loss), field by field of the LossConfig; the other settings as given.
+    was = TrainConfig.from_dict({**saved, **legacy})
     changed = sorted(
-        k for k, v in TrainConfig.from_dict({**saved, **legacy}).to_dict().items()
-        if k not in exempt and k not in legacy and not same_setting(cfg.to_dict()[k], v)
+        {k for k, v in was.to_dict().items()
+         if k not in exempt | {"preset", *LOSS_FIELDS} and k not in legacy and not same_setting(cfg.to_dict()[k], v)}
+        | {k for k, v in dataclasses.asdict(was.loss).items() if k != "name" and not same_setting(getattr(cfg.loss, k), v)}
     )
     if changed:
         raise TrainError(
@@ -789,7 +799,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         _seed_everything(cfg.seed)  # weights the student's checkpoint lacks are initialised: the same in every run
         model, tokenizer = _load_student(cfg.student, cfg.trust_remote_code)
     check_compatible(cfg.student, model, tokenizer, cache)
-    log(f"amid train: config {json.dumps(cfg.to_dict())}")
+    log(f"amid train: config {json.dumps(cfg.to_dict())}; loss {json.dumps(dataclasses.asdict(cfg.loss))}")
     loss = cfg.loss
     unused = [f for f in LOSS_FIELDS if f != "ce_weight" and getattr(cfg, f) is not None]
     if loss.ce_weight == 1.0 and unused:
@@ -918,8 +928,11 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         if ranks.main:
             metrics_path.unlink(missing_ok=True)
         _seed_everything(cfg.seed + ranks.rank)  # rank 0 seeds as one process does; dropout differs per rank
-    if ranks.main:
-        write_json_atomic(out / "config.json", cfg.to_dict())
+    if ranks.main:  # the settings as given, and what they resolved to on this machine for this run
+        write_json_atomic(out / "config.json", {**cfg.to_dict(), "resolved": {
+            "loss": dataclasses.asdict(cfg.loss), "device": str(device), "dtype": str(amp_dtype).replace("torch.", ""),
+            "loss_path": "online teacher" if teacher else "fused" if fused else "materialised",
+            "total_steps": total_steps, "warmup_steps": _warmup_steps(cfg, total_steps), "world_size": ranks.world}})
 
     n_params = sum(p.numel() for p in params)
     log(
@@ -1091,6 +1104,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
         full = f", eval_kl_full {last_eval['eval_kl_full']:.4f}" if "eval_kl_full" in last_eval else ""
         log(f"done: {step} steps, eval_kl {last_eval['eval_kl']:.4f}{full}, eval_ppl {last_eval['eval_ppl']:.4g}; "
             f"model in {out / 'final'}")
+    else:  # nothing held out (--eval-fraction 0)
+        log(f"done: {step} steps, train loss {loss_value:.4f} (no held-out evaluation); model in {out / 'final'}")
     return summary
 
 

@@ -495,7 +495,7 @@ def test_sigterm_stops_cache_teacher_in_one_line_and_the_rerun_finishes(teachers
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("Stopped: stopped by SIGTERM; the finished shards are kept: rerun the same "
+    assert err.strip().splitlines()[-1] == ("Stopped: SIGTERM; the finished shards are kept: rerun the same "
                                             "command to continue"), err[-2000:]
     assert "Traceback" not in err
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)

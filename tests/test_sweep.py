@@ -316,6 +316,10 @@ def test_grid_values_given_twice_are_one_run_and_empty_ones_are_refused(tmp_path
                          (["--devices", "cpu,,cuda:0"], "--devices 'cpu,,cuda:0': an empty item")]:
         res = CliRunner().invoke(main, [*base, *args])
         assert res.exit_code == 1 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+    res = CliRunner().invoke(main, [*base, "--rouge-limit", "-3"])
+    assert res.exit_code == 2 and "--rouge-limit" in res.stderr and "Traceback" not in res.output, res.output
+    with pytest.raises(ValueError, match="--rouge-limit must be at least 0"):
+        run_sweep(dataclasses.replace(cfg, out=str(out), rouge_limit=-3), log=lambda m: None)
     assert not out.exists()
 
 

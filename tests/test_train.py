@@ -6,6 +6,7 @@ one slow test also distills the real stories260K model from ../shared when that 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from amid.cache import open_cache
 from amid.loader import Loader, Plan, Position, scan, split
-from amid.losses import PRESETS
+from amid.losses import PRESETS, LossConfig
 from amid.teacher import CacheConfig, cache_teacher
 from amid.train import TrainConfig, TrainError, TrainingDiverged, train
 
@@ -144,6 +145,12 @@ def test_outputs_and_metrics(world, tmp_path):
     train(cfg, log=quiet)
     saved = json.loads((out / "config.json").read_text())
     assert TrainConfig.from_dict(saved) == cfg
+    resolved = saved["resolved"]  # what the settings came to: the preset's loss, the machine's choices
+    assert resolved["loss"] == {**dataclasses.asdict(LossConfig.preset("taid")), "name": "taid"}
+    assert resolved["loss"]["stop_grad_r"] is True and resolved["loss"]["lam_end"] == 1.0
+    assert (resolved["device"], resolved["dtype"], resolved["total_steps"], resolved["warmup_steps"],
+            resolved["world_size"]) == ("cpu", "float32", 6, 2, 1)
+    assert resolved["loss_path"] == "materialised"  # a small vocabulary: the fused path does not pay
     lines = metrics(out)
     evals = [m for m in lines if "eval_kl" in m]
     assert [m["step"] for m in evals] == [0, 3, 6]
@@ -587,6 +594,27 @@ def test_lm_data_refusals(world, tmp_path):
               log=quiet)
     with pytest.raises(ValueError, match="--lm-length"):
         config(world, tmp_path / "c", lm_length=1)
+
+
+def test_a_run_without_held_out_examples_still_says_it_is_done(world, tmp_path):
+    logs: list[str] = []
+    summary = train(config(world, tmp_path / "run", max_steps=2, eval_fraction=0.0), log=logs.append)
+    assert summary["eval"] is None
+    assert any(m.startswith("done: 2 steps, train loss ") and "no held-out evaluation" in m for m in logs), logs
+
+
+def test_resume_compares_the_loss_as_resolved(world, tmp_path):
+    # --preset amid and --alpha 0.5 --lam 0.1 are one objective: either resumes the other; a
+    # different α does not.
+    kw = dict(save_every=2, preset="amid")
+    train(config(world, tmp_path / "run", max_steps=2, **kw), log=quiet)
+    train(config(world, tmp_path / "run", max_steps=3, resume=True, alpha=0.5, lam=0.1, **kw), log=quiet)
+    with pytest.raises(TrainError, match=r"started with different alpha; resume with the same settings"):
+        train(config(world, tmp_path / "run", max_steps=4, resume=True, alpha=0.7, **kw), log=quiet)
+    with pytest.raises(TrainError, match=r"started with different divergence, order"):
+        train(config(world, tmp_path / "run", max_steps=4, resume=True, divergence="ab", order="rq", **kw), log=quiet)
+    train(config(world, tmp_path / "run", max_steps=4, resume=True, **kw), log=quiet)
+    assert sorted(_losses(tmp_path / "run")) == [1, 2, 3, 4]
 
 
 def test_resume_checks_the_lm_data_by_content(world, tmp_path):
@@ -1066,6 +1094,7 @@ def test_amid_eval_end_to_end_reports_what_it_measured(world, tmp_path):
     got = json.loads((out / "eval.json").read_text())
     assert got["model_dir"] == str(run / "final") and got["examples"] == 6 and got["skipped_no_target"] == 1
     assert got["max_length"] == 128  # capped at the student's context
+    assert got["template"] == "plain"  # what "auto" chose for prompt/response records
     assert got["tokens"] == 6 * 4 and got["ppl"] > 1 and 0 <= got["rougeL"] <= 100
     assert got["rouge_examples"] == 6 and got["rouge_skipped_no_reference"] == 1  # the empty response is not scored
     assert len((out / "generations.jsonl").read_text().splitlines()) == 6
