@@ -225,7 +225,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
         spec = specs[run["name"]]
         if _finished(_old_spec(d), spec, d / "result.json"):
             continue
-        # Same training, other evaluation settings (checked in _check): the run resumes at its last
+        # Same training, other evaluation settings (checked in _check_existing): the run resumes at its last
         # step, trains nothing and is evaluated again.
         d.mkdir(parents=True, exist_ok=True)
         write_json_atomic(d / "sweep_run.json", spec)
@@ -528,7 +528,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     ok = [r for r in rows if r.get("status") == "ok"]
     if not ok:
         return None
-    # α = ±∞ (the limits of the α-mixture) sit a step beyond the finite αs, with ∓∞ as their ticks.
+    # α = ±∞ (the limits of the α-mixture) sit a step beyond the finite αs, their ticks labelled −∞ and ∞.
     finite = sorted({r["alpha"] for r in ok if r["alpha"] != "" and math.isfinite(r["alpha"])}) or [0.0]
     step = max((finite[-1] - finite[0]) / 4, 1.0)
     at = {-math.inf: finite[0] - step, math.inf: finite[-1] + step}
