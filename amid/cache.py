@@ -31,6 +31,7 @@ import inspect
 import io
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -77,18 +78,36 @@ def temporary_files(directory: Path) -> Iterator[tuple[Path, int | None]]:
             yield f, int(task) if task.isdigit() else None
 
 
-def unlisted_files(directory: Path, shards: list[dict[str, Any]]) -> list[Path]:
+def unlisted_files(directory: Path, shards: list[dict[str, Any]], shards_only: bool = False) -> list[Path]:
     """Parquet files in the cache's part directories that no shard lists (an earlier cache's,
-    left in the directory): any reader of `examples/` or `topk/` as a dataset would mix them in."""
+    left in the directory): any reader of `examples/` or `topk/` as a dataset would mix them in.
+    `shards_only`: only files named as a cache names its shards (what may be deleted)."""
     listed = {f["file"] for r in shards for f in r["files"].values()}
     return sorted(f for part in PARTS for f in Path(directory).glob(f"{part}/*.parquet")
-                  if f"{part}/{f.name}" not in listed)
+                  if f"{part}/{f.name}" not in listed and (not shards_only or SHARD_NAME.fullmatch(f.name)))
+
+
+SHARD_NAME = re.compile(r"shard-\d{6}\.parquet")
 
 
 def is_cache_entry(name: str) -> bool:
     """Whether a name in a cache directory is one a cache (or a rank starting one) writes."""
     return (name in (MANIFEST, *PARTS) or (name.startswith("progress-rank") and name.endswith(".json"))
             or (name.startswith(".") and ".tmp-" in name) or name.startswith(".lock-rank"))
+
+
+def foreign_entries(directory: Path) -> list[str]:
+    """What in `directory` no cache writes: other top-level names, and files in `examples/` or
+    `topk/` that are not named as shards (a dataset's own examples/train.parquet, say)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    found = [f.name for f in directory.iterdir() if not is_cache_entry(f.name)]
+    for part in PARTS:
+        if (directory / part).is_dir():
+            found += [f"{part}/{f.name}" for f in (directory / part).iterdir()
+                      if not (SHARD_NAME.fullmatch(f.name) or (f.name.startswith(".shard-") and ".tmp-" in f.name))]
+    return sorted(found)
 
 
 def progress_name(rank: int) -> str:
@@ -432,7 +451,7 @@ def finalize(directory: Path, header: dict[str, Any], num_tasks: int, extra: dic
     if sorted(shards) != list(range(num_tasks)):
         return None
     records = [shards[t] for t in range(num_tasks)]
-    for stale in unlisted_files(directory, records):  # shards of an earlier cache in this directory
+    for stale in unlisted_files(directory, records, shards_only=True):  # an earlier cache's, in this directory
         stale.unlink(missing_ok=True)
     positions = sum(r["positions"] for r in records)
     manifest = {

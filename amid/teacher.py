@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from amid import __version__
 from amid.bins import eager_logit_stats
 from amid.cache import (
-    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_shards, is_cache_entry,
+    MANIFEST, CacheError, Progress, ShardWriter, existing_header, finalize, finished_shards, foreign_entries,
     make_header, mismatch_message, progress_name, temporary_files,
 )
 from amid.data import DataError, Example, TemplateConfig, build_examples, iter_batches, load_records, where
@@ -306,7 +306,7 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     teacher_ident = {**model_identity(teacher_dir, model), "dtype": teacher_dtype, "logits": logits.mode}
     # Foreign entries are listed before the header is read: under torchrun another rank may create
     # its first progress file in between, and an entry that appears after must not look foreign.
-    foreign = [f.name for f in out.iterdir() if not is_cache_entry(f.name)] if out.exists() else []
+    foreign = foreign_entries(out)
     old = existing_header(out) if out.exists() else None
     if old is not None:  # a rerun may spell the same data file or teacher directory another way
         old_data, old_teacher = old.get("data") or {}, old.get("teacher") or {}
@@ -336,7 +336,8 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
         log(f"{out}: cache already complete; nothing to do")
         return json.loads((out / MANIFEST).read_text())
     if old is None and foreign:
-        raise CacheError(f"{out}: exists and is not an amid cache; choose an empty or new --out directory")
+        raise CacheError(f"{out}: exists and is not an amid cache (it holds {', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out directory")
     out.mkdir(parents=True, exist_ok=True)
     # A new directory is locked once made; before the temporaries below are removed, which with the
     # same command still running would be its own.

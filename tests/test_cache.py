@@ -702,6 +702,29 @@ def _refused(args: list[str], *needles: str) -> str:
     return err[-1]
 
 
+def test_a_dataset_folder_with_examples_or_topk_subfolders_is_not_taken_for_a_cache(teachers, data_files, tmp_path):
+    # Its examples/train.parquet looks like a part directory of a cache: a cache written there
+    # would delete it as "a shard of an earlier cache". Refused, naming it; nothing is touched.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "mydata"
+    (out / "examples").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["a"], "response": ["b"]}), out / "examples" / "train.parquet")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    msg = _refused(["--teacher", str(teachers["gpt2"]), "--data", str(data_files["instruction"]), "--out", str(out)],
+                   "is not an amid cache", "examples/train.parquet")
+    assert "choose an empty or new --out" in msg
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # And a cache's own clean-up deletes only files named as its shards.
+    from amid.cache import unlisted_files
+
+    (out / "topk").mkdir()
+    (out / "topk" / "shard-000007.parquet").write_bytes(b"")
+    assert unlisted_files(out, [], shards_only=True) == [out / "topk" / "shard-000007.parquet"]
+    assert len(unlisted_files(out, [])) == 2  # what cache.check() flags: both would mix into a reader
+
+
 def test_refusals_leave_no_output(teachers, tmp_path):
     t = str(teachers["gpt2"])
     out = tmp_path / "out"
