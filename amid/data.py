@@ -69,6 +69,9 @@ EXAMPLE_CHANGES = {
     "0.5.0": "a chat answer after a prompt the template renders otherwise once the answer follows is closed by the "
              "template's end of turn, not EOS (conversations such templates rewrite, refused before, are split into "
              "one example per turn)",
+    "0.5.1": "an instruction response is tokenized as the continuation of its prompt where the prompt's tokens are "
+             "a prefix of the whole text's (a SentencePiece tokenizer no longer starts every response with a space "
+             "token); a response ending in the literal text <|endoftext|> loses it with any tokenizer",
 }
 
 
@@ -526,13 +529,18 @@ def chat_end_of_turn(tokenizer) -> int | None:
     return next((t for t in after if t in special), None)
 
 
+# MiniLLM's processed Dolly (and data made like it) ends every response in this text, GPT-2's EOS:
+# with any tokenizer it marks the end of the text, which the example's own closing token replaces.
+END_OF_TEXT = "<|endoftext|>"
+
+
 def closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, ...]:
-    """Texts of the tokens that close an example (EOS; with a chat template its end of turn too):
-    a record that ends in one of them literally (MiniLLM's processed Dolly ends every response in
-    "<|endoftext|>") would otherwise be closed twice."""
+    """Texts of the tokens that close an example (EOS; with a chat template its end of turn too)
+    and END_OF_TEXT: a record that ends in one of them literally would otherwise be closed twice
+    (or, where END_OF_TEXT is no token, end in a dozen tokens spelling it)."""
     texts = []
-    if getattr(tokenizer, "eos_token", None) and (cfg.add_eos or template == "chat"):
-        texts.append(tokenizer.eos_token)
+    if cfg.add_eos or template == "chat":
+        texts += [getattr(tokenizer, "eos_token", None) or "", END_OF_TEXT]
     if template == "chat" and (turn_end := chat_end_of_turn(tokenizer)) is not None:
         texts.append(tokenizer.convert_ids_to_tokens(turn_end))
     return tuple(dict.fromkeys(t for t in texts if t))
@@ -564,7 +572,16 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
     if not target.strip():
         return []
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    # The response as generation continues the prompt: the whole text's tokens after the prompt's,
+    # where the prompt tokenizes alone to a prefix of them (a SentencePiece tokenizer gives a
+    # separately tokenized response a leading "▁" the whole text lacks). Where a token spans the
+    # boundary (a prompt that ends in a space), the prompt's tokens are what generation starts
+    # from, and the response is tokenized on its own.
+    whole = tokenizer(prompt + target, add_special_tokens=False)["input_ids"] if prompt else []
+    if prompt_ids and whole[: len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
+        target_ids = whole[len(prompt_ids):]
+    else:
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and _wants_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     ids = bos + prompt_ids + target_ids + eos
@@ -838,7 +855,7 @@ def lm_blocks(source: str, tokenizer, length: int, text_field: str = "text"):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     texts = [str(r.get(text_field) or "") for r in records]
     if eos and tokenizer.eos_token:  # a text that ends in the EOS text is closed once, as build_examples does
-        texts = [_unclosed(t, (tokenizer.eos_token,)) for t in texts]
+        texts = [_unclosed(t, (tokenizer.eos_token, END_OF_TEXT)) for t in texts]
     parts = []  # int32 arrays of 1,000 documents each: no Python list of every token
     for start in range(0, len(texts), 1000):
         seqs = tokenizer(texts[start: start + 1000], add_special_tokens=False)["input_ids"]

@@ -378,6 +378,57 @@ def test_a_response_ending_in_the_eos_text_gets_one_eos(tok, tok_chat):
     assert targets(f).count(tok.eos_token_id) == 2
 
 
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Llama 2's kind): every input starts with a "▁", and "</s>"
+    is its EOS, so the text "<|endoftext|>" is no token of it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # "▁" before the input's first word only, newlines tokens of their own (Llama's <0x0A>).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+                                                 pre_tokenizers.Split("\n", behavior="isolated")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["### Instruction:\nName a colour.\n\n### Response:\nRed is one. Blue is another."] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                                        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("which", ["metaspace", "stories260K"])
+def test_a_response_is_tokenized_as_the_continuation_of_its_prompt(which):
+    # A SentencePiece tokenizer starts a separately tokenized response with a "▁" the whole text
+    # lacks: the student would learn to open every answer with a space. And MiniLLM's Dolly ends
+    # every response in the text "<|endoftext|>", which such a tokenizer spells in a dozen tokens.
+    if which == "stories260K":
+        from transformers import AutoTokenizer
+
+        t = AutoTokenizer.from_pretrained(shared_path("models", "stories260K"))
+    else:
+        t = _metaspace_tokenizer()
+    record = {"instruction": "Name a colour.", "response": "Red is one.<|endoftext|>"}
+    (ex,), _, template = build_examples([record], t, TemplateConfig(), "mem")
+    assert template == "dolly"
+    prompt = dolly_prompt(record)
+    assert t.convert_ids_to_tokens(t("Red", add_special_tokens=False)["input_ids"])[0].startswith("▁")  # the trap
+    whole = t(prompt + "Red is one.", add_special_tokens=False)["input_ids"]
+    bos = ex.input_ids[: len(ex.input_ids) - len(whole) - 1]
+    assert ex.input_ids == bos + whole + [t.eos_token_id]  # the whole text once, then EOS
+    assert targets(ex) == whole[len(t(prompt, add_special_tokens=False)["input_ids"]):] + [t.eos_token_id]
+    assert not t.convert_ids_to_tokens(targets(ex))[0].startswith("▁")
+    assert t.decode(targets(ex)[:-1]) == "Red is one."
+
+
+def test_a_prompt_whose_last_token_merges_into_the_response_keeps_its_own_tokens(tok):
+    # "Q: " + "Paris": GPT-2-like byte BPE joins the space to "Paris"; generation starts from the
+    # prompt's own tokens (ending in the space), so the response is tokenized on its own.
+    record = {"prompt": "Q: ", "response": "Paris"}
+    (ex,), _, _ = build_examples([record], tok, TemplateConfig(), "mem")
+    prompt_ids = tok("Q: ", add_special_tokens=False)["input_ids"]
+    assert ex.input_ids[: len(prompt_ids)] == prompt_ids
+    assert targets(ex) == tok("Paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
 def test_chat_splice_keeps_the_templates_end_of_turn():
     # The generation prompt ends in a space that the response's first word takes in the whole
     # conversation (" fine"): the prompt's tokens are not a prefix of the conversation's. The
