@@ -282,16 +282,56 @@ def check_tokenizer(student: str, cache: Cache, tokenizer=None, trust_remote_cod
         )
 
 
-def check_compatible(student: str, model, tokenizer, cache: Cache) -> None:
-    """Refuse a student whose tokenizer is not the cache's or whose vocabulary is smaller."""
-    check_tokenizer(student, cache, tokenizer)
-    m = cache.manifest
+def check_compatible(student: str, model, tokenizer, caches: list[Cache], log: Callable[[str], None] = print) -> None:
+    """Refuse a student whose tokenizer is not the cache's (the first; an --eval-cache is checked
+    against it) or whose logits do not cover the caches'.
+
+    A teacher head padded beyond the tokenizer (Qwen2.5-7B: 152,064 rows for 151,665 tokens; its
+    0.5B: 151,936) is covered by a student with fewer rows than the teacher's as long as every
+    cached top-k id is one of them; the padding rows' mass stays in the tail."""
+    check_tokenizer(student, caches[0], tokenizer)
     student_vocab = _vocab_size(model)
-    if student_vocab < int(m["vocab_size"]):
-        raise TrainError(
-            f"student {student} has {student_vocab} output logits, fewer than the teacher's "
-            f"{m['vocab_size']} in {cache.path}; the student's vocabulary must cover the teacher's"
-        )
+    narrow = [c for c in caches if student_vocab < int(c.manifest["vocab_size"])]
+    if not narrow:
+        return
+    m, words = narrow[0].manifest, int(narrow[0].manifest["tokenizer"]["vocab_size"])
+    refusal = (f"student {student} has {student_vocab} output logits, fewer than the teacher's {m['vocab_size']} in "
+               f"{narrow[0].path}")
+    if student_vocab < words:
+        raise TrainError(f"{refusal}; the student's vocabulary must cover the teacher's ({words} tokens)")
+    for cache in narrow:
+        largest = largest_cached_id(cache)
+        if largest is None:
+            raise TrainError(f"{refusal}, and its shards do not record their largest top-k id; the student's "
+                             f"vocabulary must cover the teacher's")
+        if largest[0] >= student_vocab:
+            raise TrainError(f"{refusal}, and {largest[1]} holds top-k id {largest[0]}, beyond them (a padding row of "
+                             f"the teacher's head); this student cannot learn that token: pick one with a larger head")
+    log(f"note: student {student} has {student_vocab} output logits, the teacher {m['vocab_size']} (its head is padded "
+        f"beyond the tokenizer's {words} tokens); every cached top-k id is below {student_vocab}, and the mass of "
+        f"the teacher's rows past them counts toward the tail")
+
+
+def largest_cached_id(cache: Cache) -> tuple[int, Path] | None:
+    """The largest top-k id in a cache and the topk file that holds it, from the Parquet
+    statistics of the files (their footers only); None where a file records none."""
+    import pyarrow.parquet as pq
+
+    best: tuple[int, Path] | None = None
+    for i in range(len(cache.shards)):
+        f = cache.shard_path(i, "topk")
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"shard {f}: cannot be read ({first_line(exc)}); the cache is damaged, recreate it") from None
+        column = meta.schema.names.index("topk_id")
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                return None
+            if best is None or int(stats.max) > best[0]:
+                best = (int(stats.max), f)
+    return best
 
 
 def _vocab_size(model) -> int:
@@ -311,7 +351,7 @@ class OnlineTeacher:
     @torch.no_grad()
     def logits(self, batch: dict[str, Any], width: int) -> torch.Tensor:
         """[N, width] float32 logits at the target rows, tempered like the cache, padded with −inf
-        to the student's (possibly larger) vocabulary."""
+        to the student's (possibly larger) vocabulary, or cut to it (a padded teacher head)."""
         (z,) = self.chunks(batch, width, max(1, len(batch["rows"])))  # one chunk: all rows
         return z
 
@@ -323,6 +363,8 @@ class OnlineTeacher:
                 z = z / self.temperature
                 if z.shape[-1] < width:
                     z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
+                elif z.shape[-1] > width:  # rows of a head padded beyond the tokenizer, past the student's
+                    z = z[:, :width]  # (check_compatible): no token, no mass for either model
                 yield z
 
 
@@ -798,7 +840,8 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     else:
         _seed_everything(cfg.seed)  # weights the student's checkpoint lacks are initialised: the same in every run
         model, tokenizer = _load_student(cfg.student, cfg.trust_remote_code)
-    check_compatible(cfg.student, model, tokenizer, cache)
+    check_compatible(cfg.student, model, tokenizer, [cache] + ([open_cache(cfg.eval_cache)] if cfg.eval_cache else []),
+                     log)
     log(f"amid train: config {json.dumps(cfg.to_dict())}; loss {json.dumps(dataclasses.asdict(cfg.loss))}")
     loss = cfg.loss
     unused = [f for f in LOSS_FIELDS if f != "ce_weight" and getattr(cfg, f) is not None]

@@ -894,6 +894,42 @@ def test_smaller_student_vocabulary_is_refused(world, tmp_path):
         train(config(world, tmp_path / "run", student=str(small)), log=quiet)
 
 
+def _padded_teacher(world, directory: Path, rows: int, scale: float) -> Path:
+    """The world's teacher with its head padded by `rows` rows beyond the tokenizer (Qwen2.5-7B's
+    kind), each `scale` times the sum of the real rows (0: logits 0, never in a top-k)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(world["teacher"])
+    v = world["vocab"]
+    model.resize_token_embeddings(v + rows, mean_resizing=False)
+    with torch.no_grad():
+        model.lm_head.weight[v:] = scale * model.lm_head.weight[:v].sum(0)
+    model.save_pretrained(directory)
+    make_tokenizer(directory)
+    return directory
+
+
+def test_a_teacher_head_padded_beyond_the_tokenizer_trains_a_student_that_covers_the_cached_ids(world, tmp_path):
+    teacher = _padded_teacher(world, tmp_path / "padded", 8, 0.0)
+    cache = tmp_path / "cache"
+    cache_teacher(CacheConfig(teacher=str(teacher), data=str(world["root"] / "data.jsonl"), out=str(cache), top_k=8,
+                              max_length=64, examples_per_shard=16, device="cpu"), progress=False, log=quiet)
+    assert open_cache(cache).manifest["vocab_size"] == world["vocab"] + 8
+    logs: list[str] = []
+    done = train(config(world, tmp_path / "run", cache=str(cache), max_steps=2), log=logs.append)  # V logits: fewer
+    assert done["steps"] == 2 and any("its head is padded beyond the tokenizer" in m for m in logs), logs
+    online = train(config(world, tmp_path / "online", cache=str(cache), max_steps=2, online_teacher=str(teacher)),
+                   log=quiet)  # the full-vocabulary path too: the teacher's padding rows are cut off
+    assert math.isfinite(online["train_loss"]) and math.isfinite(online["eval_kl"])
+    # Padding rows that a top-k holds are tokens this student cannot produce: refused, naming one.
+    loud = _padded_teacher(world, tmp_path / "loud", 8, 1.0)
+    cache_teacher(CacheConfig(teacher=str(loud), data=str(world["root"] / "data.jsonl"), out=str(tmp_path / "c2"),
+                              top_k=8, max_length=64, examples_per_shard=16, device="cpu"), progress=False, log=quiet)
+    with pytest.raises(TrainError, match=r"fewer than the teacher's .* holds top-k id \d+, beyond them"):
+        train(config(world, tmp_path / "run2", cache=str(tmp_path / "c2"), max_steps=2), log=quiet)
+    assert not (tmp_path / "run2").exists()
+
+
 def test_damaged_shard_is_named(world, tmp_path):
     import shutil
 
