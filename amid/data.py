@@ -71,7 +71,8 @@ EXAMPLE_CHANGES = {
              "one example per turn)",
     "0.5.1": "an instruction response is tokenized as the continuation of its prompt where the prompt's tokens are "
              "a prefix of the whole text's (a SentencePiece tokenizer no longer starts every response with a space "
-             "token); a response ending in the literal text <|endoftext|> loses it with any tokenizer",
+             "token); a response ending in the literal text <|endoftext|> loses it with any tokenizer; a chat "
+             "answer's targets end at the template's end of turn (ChatML's newline after <|im_end|> is context)",
 }
 
 
@@ -566,7 +567,9 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
         if cfg.chat_turns == "last":  # the earlier answers are context: one example, whatever the template
             turns = turns[-1:]
             messages = messages[: turns[0] + 1] if turns else messages
-        return _conversation(tokenizer, messages, turns, cfg, where) if turns else []
+        if not turns:
+            return []
+        return _ended_at_end_of_turn(_conversation(tokenizer, messages, turns, cfg, where), chat_end_of_turn(tokenizer))
     prompt, target = _split(record, template, cfg, where)
     target = _unclosed(target, closing)
     if not target.strip():
@@ -621,6 +624,22 @@ def _answers(messages: list[dict[str, Any]]) -> list[int]:
     tool calls (an empty turn, or an opening one that nothing prompted, is context)."""
     return [i for i, m in enumerate(messages)
             if m["role"] == "assistant" and i > 0 and (m["content"].strip() or m.get("tool_calls"))]
+
+
+def _ended_at_end_of_turn(examples: list[Encoded], end: int | None) -> list[Encoded]:
+    """Each target span cut after its last end-of-turn token: what a template renders after it
+    (ChatML's "\n") is the template's separator, never generated (generation stops at the end of
+    turn), and belongs to the context of what follows."""
+    if end is None:
+        return examples
+    out = []
+    for ex in examples:
+        spans = []
+        for a, b in ex.spans:
+            last = next((i for i in range(b - 1, a - 1, -1) if ex.ids[i] == end), None)
+            spans.append((a, b if last is None else last + 1))
+        out.append(ex._replace(spans=spans))
+    return out
 
 
 def _conversation(tokenizer, messages: list[dict[str, Any]], turns: list[int], cfg: TemplateConfig,

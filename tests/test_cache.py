@@ -1039,7 +1039,7 @@ def test_chat_messages_data_is_cached_turn_by_turn(tmp_path):
     ex = next(iter(open_cache(tmp_path / "c")))
     tok = AutoTokenizer.from_pretrained(teacher)
     ids = ex["input_ids"].tolist()
-    assert tok.decode([ids[t + 1] for t in ex["positions"].tolist()]) == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    assert tok.decode([ids[t + 1] for t in ex["positions"].tolist()]) == "Blue.<|im_end|>Red.<|im_end|>"
     # Data without messages keeps the identity it always had (no messages field recorded).
     plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "Q?", "response": "A."}] * 3)
     manifest = run_cache(teacher=str(teacher), data=str(plain), out=str(tmp_path / "c2"), template="chat")

@@ -126,8 +126,9 @@ def test_chat_template_targets_assistant_turn(tok_chat, tok):
     msgs = [{"role": "user", "content": rec["prompt"]}]
     prompt_ids = list(tok_chat.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"])
     assert ex.input_ids[: len(prompt_ids)] == prompt_ids
-    assert ex.positions == list(range(len(prompt_ids) - 1, len(ex.input_ids) - 1))
-    assert tok_chat.decode(targets(ex)) == "Blue.<|im_end|>\n"
+    # Targets: the answer through the end of turn; the template's newline after it is context.
+    assert ex.positions == list(range(len(prompt_ids) - 1, len(ex.input_ids) - 2))
+    assert tok_chat.decode(targets(ex)) == "Blue.<|im_end|>" and tok_chat.decode(ex.input_ids[-1:]) == "\n"
     with pytest.raises(DataError, match="chat template"):
         build_examples([rec], tok, TemplateConfig(template="chat"), "mem")
 
@@ -141,7 +142,7 @@ def test_chat_template_of_the_real_qwen2_tokenizer():
     (ex,), _, _ = build_examples([rec], qwen, TemplateConfig(template="chat"), "mem")
     text = qwen.decode(ex.input_ids)
     assert "<|im_start|>user\nWhat is 2 + 2?<|im_end|>" in text
-    assert qwen.decode(targets(ex)) == "2 + 2 = 4.<|im_end|>\n"
+    assert qwen.decode(targets(ex)) == "2 + 2 = 4.<|im_end|>"
     assert qwen.decode(ex.input_ids[: ex.positions[0] + 1]).endswith("<|im_start|>assistant\n")
 
 
@@ -443,7 +444,7 @@ def test_chat_splice_keeps_the_templates_end_of_turn():
     assert whole[: len(prompt)] != prompt  # the case under test
     (ex,), _, _ = build_examples([{"prompt": "hello there", "response": "fine"}], t, TemplateConfig(template="chat"), "m")
     assert ex.input_ids[: len(prompt)] == prompt and ex.positions[0] == len(prompt) - 1
-    assert t.decode(targets(ex)) == "fine<|im_end|>\n"
+    assert t.decode(targets(ex)) == "fine<|im_end|>"
     assert t.eos_token_id not in targets(ex)
 
 
@@ -453,7 +454,7 @@ def test_chat_response_starting_with_a_newline_in_the_real_qwen2_template():
     qwen = AutoTokenizer.from_pretrained(shared_path("tokenizers", "qwen2"))
     (ex,), _, _ = build_examples([{"prompt": "Hi", "response": "\n\nHello"}], qwen, TemplateConfig(template="chat"), "m")
     assert qwen.decode(ex.input_ids[: ex.positions[0] + 1]).endswith("<|im_start|>assistant\n")
-    assert qwen.decode(targets(ex)) == "\n\nHello<|im_end|>\n"
+    assert qwen.decode(targets(ex)) == "\n\nHello<|im_end|>"
 
 
 def test_text_or_chat_records_that_end_in_their_closing_token_text_are_closed_once(tok, tok_chat):
@@ -586,7 +587,7 @@ def test_chat_messages_every_assistant_turn_is_a_target(tok_chat, tmp_path):
     # The whole conversation up to its last answer (the trailing user turn has nothing to learn).
     rendered = tok_chat.apply_chat_template(CONVERSATION[:5], tokenize=True)
     assert ex.input_ids == list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
-    assert tok_chat.decode(targets(ex)) == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    assert tok_chat.decode(targets(ex)) == "Blue.<|im_end|>Red.<|im_end|>"
     # Two spans: the second answer's context (the user's "Another?") is not a target.
     gaps = [b for a, b in zip(ex.positions, ex.positions[1:]) if b != a + 1]
     assert len(gaps) == 1 and "Another?" in tok_chat.decode(ex.input_ids[ex.positions[0]: gaps[0]])
@@ -609,7 +610,7 @@ def test_chat_messages_in_the_real_qwen2_template_with_a_turn_opening_on_a_newli
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
             {"role": "user", "content": "More?"}, {"role": "assistant", "content": "\nSure."}]
     (ex,), _, _ = build_examples([{"messages": msgs}], qwen, TemplateConfig(), "m")
-    assert qwen.decode(targets(ex)) == "Hello.<|im_end|>\n\nSure.<|im_end|>\n"
+    assert qwen.decode(targets(ex)) == "Hello.<|im_end|>\nSure.<|im_end|>"
     text = qwen.decode(ex.input_ids)
     assert text == qwen.apply_chat_template(msgs, tokenize=False)  # the same text, spliced at the turns
     context = qwen.apply_chat_template(msgs[:3], add_generation_prompt=True, tokenize=True)
@@ -632,7 +633,7 @@ def test_chat_messages_opening_turns_empty_turns_and_tool_calls(tok_chat):
             {"role": "user", "content": "So?"},
             {"role": "assistant", "content": "Warm."}]
     (ex,), _, _ = build_examples([{"messages": talk}], t, TemplateConfig(), "m")
-    assert t.decode(targets(ex)) == "call:weather<|im_end|>\nWarm.<|im_end|>\n"
+    assert t.decode(targets(ex)) == "call:weather<|im_end|>Warm.<|im_end|>"
     assert "Welcome!" in t.decode(ex.input_ids) and "Welcome!" not in t.decode(targets(ex))
     # Only an opening turn: nothing to learn, skipped and counted.
     _, stats, _ = build_examples([{"messages": talk[:1]}, {"messages": talk[:3]}], t, TemplateConfig(), "m")
@@ -664,11 +665,11 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
     assert [e.turn for e in examples] == [0, 0, 1, 0, 1]
     first, second = examples[1:3]
     assert first.input_ids == _rendered(t, talk[:2])
-    assert t.decode(targets(first)) == "<think>\nred or blue\n</think>\n\nBlue.<|im_end|>\n"
+    assert t.decode(targets(first)) == "<think>\nred or blue\n</think>\n\nBlue.<|im_end|>"
     assert second.input_ids == _rendered(t, talk)
     context = _rendered(t, talk[:3], add_generation_prompt=True)  # the first answer without its <think>
     assert second.input_ids[: second.positions[0] + 1] == context
-    assert t.decode(targets(second)) == "<think>\nnot blue\n</think>\n\nRed.<|im_end|>\n"
+    assert t.decode(targets(second)) == "<think>\nnot blue\n</think>\n\nRed.<|im_end|>"
     # --max-length names the record and the turn that overflows.
     g = write_jsonl(tmp_path / "one.jsonl", [{"messages": talk}])
     with pytest.raises(DataError, match=r"every example is longer than --max-length 20, and --overflow skip drops"):
@@ -680,7 +681,7 @@ def test_a_conversation_whose_template_rewrites_earlier_turns_is_one_example_per
 def test_chat_turns_last_makes_the_earlier_answers_context(tok_chat):
     cfg = TemplateConfig(chat_turns="last")
     (ex,), _, _ = build_examples([{"messages": CONVERSATION}], tok_chat, cfg, "m")
-    assert tok_chat.decode(targets(ex)) == "Red.<|im_end|>\n"
+    assert tok_chat.decode(targets(ex)) == "Red.<|im_end|>"
     assert ex.input_ids == _rendered(tok_chat, CONVERSATION[:5])  # the same sequence as with every turn
     # A template that rewrites earlier turns: one example, not one per turn.
     t = train_tokenizer(300, chat_template=THINKING_TEMPLATE)
@@ -688,7 +689,7 @@ def test_chat_turns_last_makes_the_earlier_answers_context(tok_chat):
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "<think>\nb\n</think>\n\nA2."}]
     (only,), stats, _ = build_examples([{"messages": talk}], t, cfg, "m")
     assert stats.split_conversations == 0 and only.input_ids == _rendered(t, talk)
-    assert t.decode(targets(only)) == "<think>\nb\n</think>\n\nA2.<|im_end|>\n"
+    assert t.decode(targets(only)) == "<think>\nb\n</think>\n\nA2.<|im_end|>"
     with pytest.raises(ValueError, match="--chat-turns must be all or last"):
         TemplateConfig(chat_turns="first")
 
@@ -699,10 +700,10 @@ def test_chat_template_kwargs_reach_the_template():
     t = train_tokenizer(300, chat_template=NO_THINKING_TEMPLATE)
     record = {"prompt": "Name a colour.", "response": "Blue."}
     (default,), _, _ = build_examples([record], t, TemplateConfig(template="chat"), "m")
-    assert t.decode(targets(default)) == "<think>\n\n</think>\n\nBlue.<|im_end|>\n"
+    assert t.decode(targets(default)) == "<think>\n\n</think>\n\nBlue.<|im_end|>"
     cfg = TemplateConfig(template="chat", chat_template_kwargs={"enable_thinking": False})
     (off,), _, _ = build_examples([record], t, cfg, "m")
-    assert t.decode(targets(off)) == "Blue.<|im_end|>\n"
+    assert t.decode(targets(off)) == "Blue.<|im_end|>"
     assert off.input_ids[: off.positions[0] + 1] == _rendered(t, [{"role": "user", "content": "Name a colour."}],
                                                               add_generation_prompt=True, enable_thinking=False)
     assert off.input_ids == default.input_ids  # the same text; only where the target starts moved
