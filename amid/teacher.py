@@ -268,7 +268,11 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
         dtype = resolve_dtype(cfg.dtype, device)
         model = load_model(cfg.teacher, "--teacher", cfg.trust_remote_code, dtype=dtype).to(device).eval()
         runs_on = str(device)
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise DataError(f"{cfg.teacher}: the model has no LM head (get_output_embeddings() gives "
+                        f"{type(head).__name__}); cache-teacher needs a causal LM that outputs logits")
+    vocab_size = int(head.weight.shape[0])
     context = context_length(model)
     longest = max(examples, key=lambda e: len(e.input_ids))
     if context and len(longest.input_ids) > context:

@@ -267,6 +267,23 @@ def test_resume_with_another_teacher_dtype_is_refused(teachers, data_files, tmp_
     assert run_cache(dtype="fp32", **kw)["counts"]["examples"] == 4  # the same settings resume
 
 
+def test_a_teacher_without_an_lm_head_is_refused_in_one_line(teachers, data_files, tmp_path, monkeypatch):
+    # A remote-code model whose get_output_embeddings() is None (no logits to cache).
+    import amid.teacher
+
+    real = amid.teacher.load_model
+
+    def headless(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.get_output_embeddings = lambda: None
+        return model
+
+    monkeypatch.setattr(amid.teacher, "load_model", headless)
+    with pytest.raises(DataError, match="the model has no LM head .*needs a causal LM"):
+        run_cache(teacher=str(teachers["gpt2"]), data=str(data_files["instruction"]), out=str(tmp_path / "c"), limit=4)
+    assert not (tmp_path / "c").exists()
+
+
 def test_teacher_with_nan_logits_is_refused_and_writes_no_shard(data_files, tmp_path):
     from transformers import AutoModelForCausalLM
 
