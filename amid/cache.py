@@ -87,7 +87,7 @@ def unlisted_files(directory: Path, shards: list[dict[str, Any]], shards_only: b
                   if f"{part}/{f.name}" not in listed and (not shards_only or SHARD_NAME.fullmatch(f.name)))
 
 
-SHARD_NAME = re.compile(r"shard-\d{6}\.parquet")
+SHARD_NAME = re.compile(r"shard-\d{6,}\.parquet")
 
 
 def is_cache_entry(name: str) -> bool:

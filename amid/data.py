@@ -71,7 +71,8 @@ EXAMPLE_CHANGES = {
              "one example per turn)",
     "0.5.1": "an instruction response is tokenized as the continuation of its prompt where the prompt's tokens are "
              "a prefix of the whole text's (a SentencePiece tokenizer no longer starts every response with a space "
-             "token); a response ending in the literal text <|endoftext|> loses it with any tokenizer; a chat "
+             "token); a response ending in the literal text <|endoftext|> loses it with any tokenizer, where the "
+             "example is closed (as one ending in the EOS text); a chat "
              "answer's targets end at the template's end of turn (ChatML's newline after <|im_end|> is context)",
 }
 

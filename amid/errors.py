@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["first_line"]
+import torch  # loaded by `import amid` already
+
+__all__ = ["first_line", "OUT_OF_MEMORY"]
+
+# torch.OutOfMemoryError exists from torch 2.5; before, CUDA's was the only one (amid allows 2.2).
+OUT_OF_MEMORY: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 def first_line(exc: BaseException) -> str:

@@ -57,6 +57,7 @@ from amid.bins import (
     finish_stats,
     row_shift,
 )
+from amid.errors import OUT_OF_MEMORY
 from amid.losses import LossConfig, bins_loss, check_teacher_bins, tail_weight_degree
 
 __all__ = ["fused_sparse_loss", "compiled_kernels_enabled", "logit_stats", "logit_grad"]
@@ -120,7 +121,7 @@ def _run_compiled(fn, key, *args):
             torch._dynamo.maybe_mark_dynamic(a, 0)
     try:
         return _keyed_compile(fn, key)(*args)
-    except torch.OutOfMemoryError:
+    except OUT_OF_MEMORY:
         raise  # the caller's problem, not the compiler's: do not switch the kernels off
     except Exception as err:  # a missing compiler or an Inductor bug must not stop training
         _compile_state["failed"] = True

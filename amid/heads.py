@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
+from amid.errors import OUT_OF_MEMORY
+
 __all__ = ["Head", "TargetLogits", "context_length", "LOGIT_CHUNK_ELEMENTS"]
 
 # Logits (rows × vocabulary) held at once where a model's head can be applied alone: 128 MiB of
@@ -51,7 +53,7 @@ class Head:
             hidden = self.base(input_ids=ids, use_cache=False).last_hidden_state
             mine = self.head(hidden.to(self.head.weight.device)).float()  # a spread model's last layer may sit elsewhere
             return mine.shape == full.shape and torch.allclose(mine.to(full.device), full, rtol=1e-3, atol=1e-4)
-        except torch.OutOfMemoryError:  # not a property of the model: the caller must hear of it
+        except OUT_OF_MEMORY:  # not a property of the model: the caller must hear of it
             raise
         except Exception:  # any model whose base/head split does not work: use its logits
             return False

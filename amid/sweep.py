@@ -108,16 +108,20 @@ def _spec(cfg: SweepConfig, run: dict[str, Any], cache_id: str) -> dict[str, Any
     }
 
 
-def _finished(old: dict[str, Any] | None, spec: dict[str, Any], result: Path) -> bool:
+def _status(run_dir: Path) -> str | None:
+    """The status its result.json gives a run ("ok", "failed"), None without one."""
+    try:
+        return json.loads((run_dir / "result.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _finished(old: dict[str, Any] | None, spec: dict[str, Any], run_dir: Path) -> bool:
     """Whether a run needs nothing: it ended "ok" with this spec's training and either this
     evaluation or, where the sweep asks for none (no --eval-data), whatever evaluation it has (a
     rerun that extends the grid keeps the test results). Its cache is this one: `_check_existing`
     refuses a run dir trained on another."""
-    try:
-        ok = json.loads(result.read_text()).get("status") == "ok"
-    except (OSError, ValueError):
-        return False
-    if not ok or old is None:
+    if _status(run_dir) != "ok" or old is None:
         return False
     keys = ("train", "run") if spec["eval_data"] is None else ("train", "run", "eval_data", "rouge_limit")
     return all(same_setting(old.get(k), spec[k]) for k in keys)
@@ -223,7 +227,7 @@ def run_sweep(cfg: SweepConfig, log=print) -> str:
     for run in runs:
         d = _run_dir(cfg, run["name"])
         spec = specs[run["name"]]
-        if _finished(_old_spec(d), spec, d / "result.json"):
+        if _finished(_old_spec(d), spec, d):
             continue
         # Same training, other evaluation settings (checked in _check_existing): the run resumes at its last
         # step, trains nothing and is evaluated again.
@@ -323,17 +327,17 @@ def _check_existing(cfg: SweepConfig, runs: list[dict[str, Any]], specs: dict[st
 
 
 def _trained_cache_id(run_dir: Path, spec: dict[str, Any]) -> str | None:
-    """The content id of the cache a run was trained on: from its sweep_run.json, or (sweeps
-    before amid 0.5.1) its checkpoint; None for a run that never saved one."""
-    if spec.get("cache_id"):
-        return spec["cache_id"]
+    """The content id of the cache a run has trained on: its checkpoint's; without one (deleted
+    to save space), its sweep_run.json's if the run finished, else None (sweep_run.json is
+    written before the run starts: a run that failed before its first checkpoint trained on
+    nothing)."""
     state = run_dir / "checkpoint" / "trainer_state.pt"
     if not state.exists():
-        return None
+        return spec.get("cache_id") if _status(run_dir) == "ok" else None
     import torch
 
     try:
-        return torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("cache_id")
+        return torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("cache_id", spec.get("cache_id"))
     except Exception:  # a damaged checkpoint: the run's own resume says so, naming the file
         return None
 

@@ -339,6 +339,10 @@ def _cache_teacher(cfg: CacheConfig, progress, log, lock: DirLock, rank: int, wo
     if old is not None and (out / MANIFEST).exists():
         log(f"{out}: cache already complete; nothing to do")
         return json.loads((out / MANIFEST).read_text())
+    inside = [f for f in foreign if "/" in f]  # a file in examples/ or topk/ that is no shard: readers mix it in
+    if old is not None and inside:
+        raise CacheError(f"{out / inside[0]}: not a file of this cache (its examples/ and topk/ hold only its shards); "
+                         f"move it out and rerun")
     if old is None and foreign:
         raise CacheError(f"{out}: exists and is not an amid cache (it holds {', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out directory")

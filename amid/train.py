@@ -282,34 +282,40 @@ def check_tokenizer(student: str, cache: Cache, tokenizer=None, trust_remote_cod
         )
 
 
-def check_compatible(student: str, model, tokenizer, caches: list[Cache], log: Callable[[str], None] = print) -> None:
-    """Refuse a student whose tokenizer is not the cache's (the first; an --eval-cache is checked
-    against it) or whose logits do not cover the caches'.
+def check_compatible(student: str, model, tokenizer, cache: Cache, log: Callable[[str], None] = print) -> None:
+    """Refuse a student whose tokenizer is not the cache's or whose logits do not cover its ids."""
+    check_tokenizer(student, cache, tokenizer)
+    check_covered(student, _vocab_size(model), cache, log)
+
+
+def check_covered(student: str, student_vocab: int, cache: Cache, log: Callable[[str], None] = print,
+                  held_out: bool = False) -> None:
+    """Refuse a student whose `student_vocab` logits do not cover the cache's (its teacher's).
 
     A teacher head padded beyond the tokenizer (Qwen2.5-7B: 152,064 rows for 151,665 tokens; its
     0.5B: 151,936) is covered by a student with fewer rows than the teacher's as long as every
-    cached top-k id is one of them; the padding rows' mass stays in the tail."""
-    check_tokenizer(student, caches[0], tokenizer)
-    student_vocab = _vocab_size(model)
-    narrow = [c for c in caches if student_vocab < int(c.manifest["vocab_size"])]
-    if not narrow:
+    cached top-k id is one of them; the padding rows' mass stays in the cache's tail. `held_out`:
+    the cache is an --eval-cache (a full-vocabulary one holds every padding row)."""
+    m = cache.manifest
+    if student_vocab >= int(m["vocab_size"]):
         return
-    m, words = narrow[0].manifest, int(narrow[0].manifest["tokenizer"]["vocab_size"])
-    refusal = (f"student {student} has {student_vocab} output logits, fewer than the teacher's {m['vocab_size']} in "
-               f"{narrow[0].path}")
+    words = int(m["tokenizer"]["vocab_size"])
+    refusal = f"student {student} has {student_vocab} output logits, fewer than the teacher's {m['vocab_size']} in {cache.path}"
     if student_vocab < words:
         raise TrainError(f"{refusal}; the student's vocabulary must cover the teacher's ({words} tokens)")
-    for cache in narrow:
-        largest = largest_cached_id(cache)
-        if largest is None:
-            raise TrainError(f"{refusal}, and its shards do not record their largest top-k id; the student's "
-                             f"vocabulary must cover the teacher's")
-        if largest[0] >= student_vocab:
-            raise TrainError(f"{refusal}, and {largest[1]} holds top-k id {largest[0]}, beyond them (a padding row of "
-                             f"the teacher's head); this student cannot learn that token: pick one with a larger head")
-    log(f"note: student {student} has {student_vocab} output logits, the teacher {m['vocab_size']} (its head is padded "
-        f"beyond the tokenizer's {words} tokens); every cached top-k id is below {student_vocab}, and the mass of "
-        f"the teacher's rows past them counts toward the tail")
+    largest = largest_cached_id(cache)
+    if largest is None:
+        raise TrainError(f"{refusal}, and its shards do not record their largest top-k id; the student's "
+                         f"vocabulary must cover the teacher's")
+    if largest[0] >= student_vocab:
+        fix = ("cache the held-out data with a --top-k that leaves out the teacher's padding rows" if held_out
+               else "this student cannot learn that token: pick one with a larger head")
+        raise TrainError(f"{refusal}, and {largest[1]} holds top-k id {largest[0]}, beyond them (a padding row of "
+                         f"the teacher's head); {fix}")
+    if not held_out:
+        log(f"note: student {student} has {student_vocab} output logits, the teacher {m['vocab_size']} (its head is "
+            f"padded beyond the tokenizer's {words} tokens); every cached top-k id is below {student_vocab}: the "
+            f"teacher's mass past them counts toward the cache's tail (an online or evaluation teacher's is dropped)")
 
 
 def largest_cached_id(cache: Cache) -> tuple[int, Path] | None:
@@ -364,7 +370,7 @@ class OnlineTeacher:
                 if z.shape[-1] < width:
                     z = F.pad(z, (0, width - z.shape[-1]), value=-math.inf)
                 elif z.shape[-1] > width:  # rows of a head padded beyond the tokenizer, past the student's
-                    z = z[:, :width]  # (check_compatible): no token, no mass for either model
+                    z = z[:, :width]  # (check_covered): no token; their (tiny) mass is dropped, renormalised
                 yield z
 
 
@@ -840,8 +846,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     else:
         _seed_everything(cfg.seed)  # weights the student's checkpoint lacks are initialised: the same in every run
         model, tokenizer = _load_student(cfg.student, cfg.trust_remote_code)
-    check_compatible(cfg.student, model, tokenizer, [cache] + ([open_cache(cfg.eval_cache)] if cfg.eval_cache else []),
-                     log)
+    check_compatible(cfg.student, model, tokenizer, cache, log)
     log(f"amid train: config {json.dumps(cfg.to_dict())}; loss {json.dumps(dataclasses.asdict(cfg.loss))}")
     loss = cfg.loss
     unused = [f for f in LOSS_FIELDS if f != "ce_weight" and getattr(cfg, f) is not None]
@@ -879,6 +884,7 @@ def _train(cfg: TrainConfig, device: torch.device, ranks: Ranks, log: Callable[[
     if cfg.eval_cache:
         eval_cache = open_cache(cfg.eval_cache)
         _check_eval_cache(cache, eval_cache)
+        check_covered(cfg.student, _vocab_size(model), eval_cache, log, held_out=True)
         eval_metas = scan(eval_cache)
         _, eval_rows = split(eval_metas, 1.0, cfg.eval_max_examples)
         train_rows, _ = split(metas, 0.0, 0)

@@ -719,7 +719,8 @@ def _refused(args: list[str], *needles: str) -> str:
     return err[-1]
 
 
-def test_a_dataset_folder_with_examples_or_topk_subfolders_is_not_taken_for_a_cache(teachers, data_files, tmp_path):
+def test_a_dataset_folder_with_examples_or_topk_subfolders_is_not_taken_for_a_cache(teachers, data_files, gpt2_cache,
+                                                                                    tmp_path):
     # Its examples/train.parquet looks like a part directory of a cache: a cache written there
     # would delete it as "a shard of an earlier cache". Refused, naming it; nothing is touched.
     import pyarrow as pa
@@ -733,6 +734,17 @@ def test_a_dataset_folder_with_examples_or_topk_subfolders_is_not_taken_for_a_ca
                    "is not an amid cache", "examples/train.parquet")
     assert "choose an empty or new --out" in msg
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    # Nor is such a file kept in a cache being finished (a resume): readers of the part would mix it in.
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(gpt2_cache, partial)
+    (partial / "manifest.json").unlink()  # progress files stay: a cache to finish
+    shutil.copy(out / "examples" / "train.parquet", partial / "examples" / "train.parquet")
+    _refused(["--teacher", str(teachers["gpt2"]), "--data", str(data_files["instruction"]), "--out", str(partial),
+              "--examples-per-shard", "4", "--batch-size", "3"], "examples/train.parquet: not a file of this cache",
+             "move it out")
+    assert (partial / "examples" / "train.parquet").exists() and not (partial / "manifest.json").exists()
     # And a cache's own clean-up deletes only files named as its shards.
     from amid.cache import unlisted_files
 

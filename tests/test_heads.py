@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from amid.errors import OUT_OF_MEMORY
 from amid.heads import Head, TargetLogits
 from helpers import make_model, train_tokenizer
 
@@ -62,10 +63,10 @@ def test_running_out_of_memory_in_the_head_check_is_raised_not_taken_for_a_trans
     model = make_model("llama", len(tok), tok)
 
     def oom(*_args, **_kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        raise OUT_OF_MEMORY("CUDA out of memory (simulated)")
 
     model.lm_head.forward = oom
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(OUT_OF_MEMORY):
         Head(model)
     model.lm_head.forward = lambda *_a, **_k: (_ for _ in ()).throw(RuntimeError("not a head that splits"))
     assert not Head(model).plain

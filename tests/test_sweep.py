@@ -362,6 +362,16 @@ def test_a_rerun_keeps_test_results_and_refuses_runs_of_a_replaced_cache(world, 
         with pytest.raises(ValueError, match=r"runs trained on another cache than the one now at .*cache.*: kd, skl"):
             run_sweep(dataclasses.replace(cfg, presets=("kd", "skl"), eval_data=None), log=lambda m: None)
     assert (out / "results.csv").read_text() == before
+    # A finished run whose checkpoint was deleted to save space is known by its sweep_run.json; a
+    # run that failed before its first checkpoint trained on no cache, and is simply run.
+    shutil.rmtree(out / "runs" / "kd" / "checkpoint")
+    spec = json.loads((out / "runs" / "kd" / "sweep_run.json").read_text())
+    (out / "runs" / "kd" / "sweep_run.json").write_text(json.dumps({**spec, "cache_id": "the old cache"}))
+    with pytest.raises(ValueError, match=r"runs trained on another cache .*: kd, skl"):
+        run_sweep(dataclasses.replace(cfg, presets=("kd", "skl"), eval_data=None), log=lambda m: None)
+    (out / "runs" / "kd" / "result.json").write_text(json.dumps({"status": "failed", "error": "before step 1"}))
+    with pytest.raises(ValueError, match=r"runs trained on another cache .*\): skl; rerun"):
+        run_sweep(dataclasses.replace(cfg, presets=("kd", "skl"), eval_data=None), log=lambda m: None)
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # the stubs draw nothing
