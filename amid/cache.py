@@ -594,6 +594,25 @@ class Cache:
                              f"{int(np.max(rows))} were asked for")
         yield from decode_shard(examples, topk, self.k, compact, rows)
 
+    def largest_topk_id(self) -> tuple[int, Path] | None:
+        """The largest top-k id in the cache and the topk file that holds it, from the files'
+        Parquet statistics (their footers only); None where a file records none."""
+        best: tuple[int, Path] | None = None
+        for i in range(len(self.shards)):
+            f = self.shard_path(i, "topk")
+            try:
+                meta = pq.ParquetFile(f).metadata
+            except (OSError, ValueError) as exc:  # missing file, not Parquet (ArrowInvalid is a ValueError)
+                raise CacheError(f"shard {f}: cannot be read ({exc}); the cache is damaged, recreate it") from None
+            column = meta.schema.names.index("topk_id")
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(column).statistics
+                if stats is None or not stats.has_min_max:
+                    return None
+                if best is None or int(stats.max) > best[0]:
+                    best = (int(stats.max), f)
+        return best
+
     def _check_topk_rows(self, index: int, topk: pa.Table, positions: int) -> None:
         if topk.num_rows != positions * self.k:
             raise CacheError(f"shard {self.shard_path(index, 'topk')}: {topk.num_rows} top-k rows for {positions} "

@@ -549,13 +549,14 @@ def closing_texts(tokenizer, template: str, cfg: TemplateConfig) -> tuple[str, .
 
 
 def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfig, where: str,
-            closing: tuple[str, ...] = ()) -> list[Encoded]:
+            closing: tuple[str, ...] = (), end_of_turn: int | None = None) -> list[Encoded]:
     """The record's examples: input_ids and the [start, end) spans of its target tokens (one
     span, or one per assistant turn of a conversation). Usually one; none for a record with
     nothing to learn (empty text, or an instruction record with an empty response: its only target
     would be the closing EOS); one per assistant turn for a conversation whose template rewrites
     earlier turns (`_conversation`). A target that ends in one of the `closing` texts loses it:
-    the template closes the example with that token itself."""
+    the template closes the example with that token itself. A chat answer's targets end at
+    `end_of_turn` (`chat_end_of_turn`, found once for all the records)."""
     if template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
             raise DataError("template 'chat' needs a tokenizer with a chat template; this one has none")
@@ -570,7 +571,7 @@ def _encode(tokenizer, record: dict[str, Any], template: str, cfg: TemplateConfi
             messages = messages[: turns[0] + 1] if turns else messages
         if not turns:
             return []
-        return _ended_at_end_of_turn(_conversation(tokenizer, messages, turns, cfg, where), chat_end_of_turn(tokenizer))
+        return _ended_at_end_of_turn(_conversation(tokenizer, messages, turns, cfg, where), end_of_turn)
     prompt, target = _split(record, template, cfg, where)
     target = _unclosed(target, closing)
     if not target.strip():
@@ -779,11 +780,12 @@ def build_examples(
         records = list(records)
     template, cfg = resolve_template(records, cfg, source)
     closing = closing_texts(tokenizer, template, cfg)
+    end_of_turn = chat_end_of_turn(tokenizer) if template == "chat" else None
     stats = BuildStats(records=len(records))
     examples: list[Example] = []
     made = 0  # examples the records made, before --max-length: more than the records where conversations split
     for index, record in enumerate(records):
-        encoded = _encode(tokenizer, record, template, cfg, where(records, index, source), closing)
+        encoded = _encode(tokenizer, record, template, cfg, where(records, index, source), closing, end_of_turn)
         if not encoded:
             stats.skipped_empty += 1
             stats.first_empty = stats.first_empty or where(records, index, source)

@@ -331,10 +331,13 @@ def _trained_cache_id(run_dir: Path, spec: dict[str, Any]) -> str | None:
     to save space), its sweep_run.json's if the run finished, else None (sweep_run.json is
     written before the run starts: a run that failed before its first checkpoint trained on
     nothing)."""
-    state = run_dir / "checkpoint" / "trainer_state.pt"
+    import torch
+
+    from amid.train import STATE_FILE
+
+    state = run_dir / "checkpoint" / STATE_FILE
     if not state.exists():
         return spec.get("cache_id") if _status(run_dir) == "ok" else None
-    import torch
 
     try:
         return torch.load(state, map_location="cpu", weights_only=False, mmap=True).get("cache_id", spec.get("cache_id"))
@@ -368,16 +371,7 @@ def _check_eval_data(cfg: SweepConfig, cache, tokenizer, trust: bool) -> None:
 
 def failed_runs(cfg: SweepConfig) -> list[str]:
     """Names of the grid's runs whose result is not ok (after `run_sweep`)."""
-    failed = []
-    for run in expand_grid(cfg):
-        result = _run_dir(cfg, run["name"]) / "result.json"
-        try:
-            ok = json.loads(result.read_text()).get("status") == "ok"
-        except (OSError, ValueError):
-            ok = False
-        if not ok:
-            failed.append(run["name"])
-    return failed
+    return [run["name"] for run in expand_grid(cfg) if _status(_run_dir(cfg, run["name"])) != "ok"]
 
 
 def _execute(cfg: SweepConfig, pending: list[dict[str, Any]], log, slots=None) -> None:

@@ -303,7 +303,7 @@ def check_covered(student: str, student_vocab: int, cache: Cache, log: Callable[
     refusal = f"student {student} has {student_vocab} output logits, fewer than the teacher's {m['vocab_size']} in {cache.path}"
     if student_vocab < words:
         raise TrainError(f"{refusal}; the student's vocabulary must cover the teacher's ({words} tokens)")
-    largest = largest_cached_id(cache)
+    largest = cache.largest_topk_id()
     if largest is None:
         raise TrainError(f"{refusal}, and its shards do not record their largest top-k id; the student's "
                          f"vocabulary must cover the teacher's")
@@ -316,28 +316,6 @@ def check_covered(student: str, student_vocab: int, cache: Cache, log: Callable[
         log(f"note: student {student} has {student_vocab} output logits, the teacher {m['vocab_size']} (its head is "
             f"padded beyond the tokenizer's {words} tokens); every cached top-k id is below {student_vocab}: the "
             f"teacher's mass past them counts toward the cache's tail (an online or evaluation teacher's is dropped)")
-
-
-def largest_cached_id(cache: Cache) -> tuple[int, Path] | None:
-    """The largest top-k id in a cache and the topk file that holds it, from the Parquet
-    statistics of the files (their footers only); None where a file records none."""
-    import pyarrow.parquet as pq
-
-    best: tuple[int, Path] | None = None
-    for i in range(len(cache.shards)):
-        f = cache.shard_path(i, "topk")
-        try:
-            meta = pq.ParquetFile(f).metadata
-        except (OSError, ValueError) as exc:
-            raise TrainError(f"shard {f}: cannot be read ({first_line(exc)}); the cache is damaged, recreate it") from None
-        column = meta.schema.names.index("topk_id")
-        for g in range(meta.num_row_groups):
-            stats = meta.row_group(g).column(column).statistics
-            if stats is None or not stats.has_min_max:
-                return None
-            if best is None or int(stats.max) > best[0]:
-                best = (int(stats.max), f)
-    return best
 
 
 def _vocab_size(model) -> int:
